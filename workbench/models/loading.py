@@ -1,0 +1,261 @@
+"""Loading models into TransformerLens 4.x (``TransformerBridge``), offline, with a weights cache.
+
+GGUF models are de-quantised by ``transformers`` (20-60 s); the result is written once as
+safetensors + config + tokenizer under ``$WORKBENCH_HOME/models/<name>-<fingerprint>/`` so a
+warm load takes seconds. Nothing is ever unpickled: weights are read with safetensors only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.home import workbench_home
+from workbench.models.codec import TextCodec, default_prepend_bos
+from workbench.models.registry import ModelEntry, fingerprint, get_entry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A booted bridge with what every analysis needs to know about it."""
+
+    name: str
+    entry: ModelEntry
+    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: Any
+    codec: TextCodec
+    fingerprint: str
+    load_seconds: float = 0.0
+    cache_hit: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> Any:
+        return self.bridge.cfg
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.bridge.cfg.n_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        kv = getattr(self.bridge.cfg, "n_key_value_heads", None)
+        return int(kv) if kv else self.n_heads
+
+    @property
+    def prepend_bos(self) -> bool:
+        return self.codec.prepend_bos
+
+    def __repr__(self) -> str:
+        return (
+            f"LoadedModel({self.name!r}, layers={self.n_layers}, heads={self.n_heads}, "
+            f"kv_heads={self.n_kv_heads}, prepend_bos={self.prepend_bos}, "
+            f"fingerprint={self.fingerprint}, load={self.load_seconds:.1f}s"
+            f"{' (cached weights)' if self.cache_hit else ''})"
+        )
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Silence the progress bars and warnings transformers / TransformerLens print on load."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    prev = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    tl_log = logging.getLogger("transformer_lens")
+    tl_level = tl_log.level
+    tl_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        tl_log.setLevel(tl_level)
+        if prev is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = prev
+
+
+def converted_dir(entry: ModelEntry, fp: str) -> Path:
+    return workbench_home() / "models" / f"{entry.name}-{fp}"
+
+
+def _convert_gguf(entry: ModelEntry, target: Path) -> None:
+    """De-quantise the GGUF once and write safetensors + config + tokenizer atomically."""
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert entry.gguf_locator is not None
+    gguf = entry.gguf_locator()
+    with _quiet():
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    if entry.architectures:
+        cfg.architectures = list(entry.architectures)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        cfg.to_json_file(str(tmp / "config.json"))
+        tok.save_pretrained(str(tmp))
+        if target.exists():  # another process converted it meanwhile
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_converted(folder: Path) -> tuple[Any, Any]:
+    """Build the HF model without random init and copy the stored fp32 tensors in.
+
+    Tied parameters (e.g. embedding and unembedding) are stored once by safetensors; every
+    name of a tied group is filled from the stored one.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    with _quiet():
+        cfg = AutoConfig.from_pretrained(str(folder))
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    state = load_file(str(folder / "model.safetensors"))
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(tied, dict) and getattr(cfg, "tie_word_embeddings", True):
+        for target, source in tied.items():
+            if target in state and source not in state:
+                state[source] = state[target]
+            elif source in state and target not in state:
+                state[target] = state[source]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or missing:
+        raise WorkbenchError(
+            f"converted weights in {folder} do not match the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+            f"delete {folder} to convert again",
+        )
+    model.tie_weights()
+    model.eval()
+    return model, tok
+
+
+def _hf_from_gguf(entry: ModelEntry, fp: str) -> tuple[Any, Any, bool]:
+    target = converted_dir(entry, fp)
+    hit = (target / "model.safetensors").exists()
+    if not hit:
+        _convert_gguf(entry, target)
+    try:
+        model, tok = _load_converted(target)
+    except WorkbenchError:
+        raise
+    except Exception as exc:  # damaged cache: convert again, once
+        log.warning("converted weights at %s unreadable (%s); converting again", target, exc)
+        shutil.rmtree(target, ignore_errors=True)
+        _convert_gguf(entry, target)
+        model, tok = _load_converted(target)
+        hit = False
+    return model, tok, hit
+
+
+def _hf_from_tiny(entry: ModelEntry) -> tuple[Any, Any]:
+    from workbench.models import tiny
+    from workbench.tasks import task_vocabulary
+
+    tok = tiny.word_tokenizer(task_vocabulary())
+    model = tiny.tiny_hf_model(entry.tiny_arch, vocab_size=len(tok))  # type: ignore[arg-type]
+    return model, tok
+
+
+def load_model(
+    name: str, *, prepend_bos: bool | None = None, device: str | None = None
+) -> LoadedModel:
+    """Load ``name`` into a ``TransformerBridge``.
+
+    ``prepend_bos=None`` follows the model's own tokenizer (SmolLM2: no BOS; Gemma 3: BOS);
+    ``True``/``False`` overrides it. Prompt sets built with the returned codec carry the choice.
+    """
+    entry = get_entry(name)
+    fp = fingerprint(name)
+    t0 = time.perf_counter()
+    hit = False
+    extra: dict[str, Any] = {}
+    if entry.source == "gguf":
+        hf_model, tok, hit = _hf_from_gguf(entry, fp)
+    elif entry.source == "tiny":
+        hf_model, tok = _hf_from_tiny(entry)
+    elif entry.source == "toy":
+        from workbench.models import tiny
+
+        hf_model, tok, extra = tiny.load_toy_induction()
+    else:
+        hf_model, tok = _hf_from_hub(entry.hf_name)
+    bridge = _boot(entry, hf_model, tok, device)
+    n_ctx = int(getattr(bridge.cfg, "n_ctx", 0) or 0) or 2048
+    bos = default_prepend_bos(tok) if prepend_bos is None else prepend_bos
+    codec = TextCodec(tok, prepend_bos=bos, n_ctx=n_ctx, model_name=name)
+    return LoadedModel(
+        name, entry, bridge, tok, codec, fp, time.perf_counter() - t0, hit, extra
+    )
+
+
+def _hf_from_hub(hf_name: str) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with _quiet():
+            tok = AutoTokenizer.from_pretrained(hf_name)
+            model = AutoModelForCausalLM.from_pretrained(hf_name, dtype=torch.float32)
+    except OSError as exc:
+        from workbench.models.registry import MODELS
+
+        offline = ", ".join(n for n, e in MODELS.items() if e.source == "gguf")
+        raise WorkbenchError(
+            f"cannot load '{hf_name}' from the hub ({type(exc).__name__})",
+            f"offline, use one of: {offline}",
+        ) from None
+    model.eval()
+    return model, tok
+
+
+def _boot(entry: ModelEntry, hf_model: Any, tok: Any, device: str | None) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if entry.architectures:
+        hf_model.config.architectures = list(entry.architectures)
+    with _quiet():
+        bridge = TransformerBridge.boot_transformers(
+            entry.hf_name, hf_model=hf_model, tokenizer=tok, device=device or "cpu"
+        )
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    return bridge

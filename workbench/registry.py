@@ -1,0 +1,74 @@
+"""The one registry of analyses. The CLI, batch specs and the app all go through it.
+
+An entry names a pure function ``(model, prompts, params) -> AnalysisOutput``, its parameter
+schema (a frozen dataclass with defaults) and the task it runs on by default. The function is
+referenced by module and attribute and imported on first call, so listing the registry or
+answering from the store never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from workbench import params as P
+from workbench.errors import WorkbenchError
+from workbench.methods.schemas import HeadDetectorParams
+
+
+@dataclass(frozen=True)
+class Analysis:
+    name: str
+    description: str
+    params_cls: type
+    module: str
+    function: str
+    default_task: str
+    task_kind: str = "prompts"  # "prompts" (PromptSet) or "needle" (NeedleSet)
+    version: str = "1"
+    reference: str = ""
+
+    def load(self) -> Callable[..., Any]:
+        fn = getattr(importlib.import_module(self.module), self.function)
+        return fn  # type: ignore[no-any-return]
+
+    def parse_params(self, values: dict[str, Any] | None) -> Any:
+        return P.from_mapping(self.params_cls, values, where=f"analysis '{self.name}'")
+
+    def describe_params(self) -> list[dict[str, Any]]:
+        return P.describe(self.params_cls)
+
+
+REGISTRY: dict[str, Analysis] = {}
+
+
+def register(analysis: Analysis) -> Analysis:
+    if analysis.name in REGISTRY:
+        raise ValueError(f"analysis {analysis.name!r} registered twice")
+    REGISTRY[analysis.name] = analysis
+    return analysis
+
+
+def get_analysis(name: str) -> Analysis:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise WorkbenchError(
+            f"unknown analysis '{name}'", f"known analyses: {', '.join(sorted(REGISTRY))}"
+        ) from None
+
+
+register(
+    Analysis(
+        name="head_detectors",
+        description="previous-token, duplicate-token and induction scores per head "
+        "(share of attention on the expected positions)",
+        params_cls=HeadDetectorParams,
+        module="workbench.methods.detectors",
+        function="head_detectors",
+        default_task="induction",
+        reference="TransformerLens head_detector; Olsson et al. 2022",
+    )
+)

@@ -1,0 +1,146 @@
+"""Batch specs: a TOML list of analyses x models x tasks, run through the registry and store.
+
+```toml
+title = "demo"
+[defaults]
+models = ["smollm2-135m"]     # used where an [[analysis]] names no models
+prepend_bos = "auto"          # "auto" follows the tokenizer; true / false override
+
+[[analysis]]
+name = "head_detectors"
+tasks = ["induction", { name = "induction", seq_len = 40 }]   # a name, or a table of task params
+params = { batch_size = 8 }
+```
+Parts already in the store are not recomputed (resumable: a killed run picks up where it
+stopped). Parsing and key derivation need no torch.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.run import RunRequest, parse_bos
+
+_TOP_KEYS = {"title", "description", "defaults", "analysis"}
+_DEFAULT_KEYS = {"models", "prepend_bos"}
+_ANALYSIS_KEYS = {"name", "models", "tasks", "params", "prepend_bos"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: Path
+    title: str
+    requests: tuple[RunRequest, ...]
+
+
+def _unknown(where: str, keys: set[str], allowed: set[str]) -> None:
+    extra = sorted(keys - allowed)
+    if extra:
+        raise WorkbenchError(
+            f"{where}: unknown key(s) {', '.join(extra)}", f"allowed keys: {', '.join(sorted(allowed))}"
+        )
+
+
+def _str_list(where: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise WorkbenchError(f"{where} must be a string or a list of strings", "fix the spec")
+    return list(value)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Parse and validate a spec file (every part's parameters checked, nothing loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WorkbenchError(f"spec file not found: {path}", "check the path")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise WorkbenchError(f"malformed TOML in {path}: {exc}", "fix the syntax at that line") from None
+    _unknown(str(path), set(data), _TOP_KEYS)
+    defaults = data.get("defaults", {})
+    _unknown(f"{path} [defaults]", set(defaults), _DEFAULT_KEYS)
+    default_models = _str_list(f"{path} [defaults] models", defaults.get("models", ["smollm2-135m"]))
+    entries = data.get("analysis", [])
+    if not isinstance(entries, list) or not entries:
+        raise WorkbenchError(f"{path}: no [[analysis]] entries", "add at least one [[analysis]] table")
+    requests: list[RunRequest] = []
+    for i, entry in enumerate(entries, 1):
+        where = f"{path} [[analysis]] #{i}"
+        _unknown(where, set(entry), _ANALYSIS_KEYS)
+        if "name" not in entry:
+            raise WorkbenchError(f"{where}: missing 'name'", "name the analysis, e.g. name = \"head_detectors\"")
+        params = entry.get("params", {})
+        if not isinstance(params, dict):
+            raise WorkbenchError(f"{where}: params must be a table", "write params = { key = value }")
+        bos = parse_bos(entry.get("prepend_bos", defaults.get("prepend_bos", "auto")))
+        models = _str_list(f"{where} models", entry.get("models", default_models))
+        tasks: list[Any] = entry.get("tasks", [None])
+        if not isinstance(tasks, list):
+            tasks = [tasks]
+        for model in models:
+            for task in tasks:
+                if isinstance(task, dict):
+                    task = dict(task)
+                    if "name" not in task:
+                        raise WorkbenchError(f"{where}: a task table needs 'name'", "add name = \"...\"")
+                    name = task.pop("name")
+                elif task is None or isinstance(task, str):
+                    name, task = task, {}
+                else:
+                    raise WorkbenchError(f"{where}: tasks entries must be names or tables", "fix the spec")
+                req = RunRequest(entry["name"], model, name, params, task, bos)
+                req.resolve()  # validates analysis, params, task and task params now
+                requests.append(req)
+    return Spec(path, str(data.get("title", path.stem)), tuple(requests))
+
+
+@dataclass(frozen=True)
+class PartOutcome:
+    request: RunRequest
+    run_id: str
+    status: str  # "stored" | "computed"
+    seconds: float
+
+
+def run_spec(
+    spec: Spec,
+    *,
+    store: Any = None,
+    progress: bool = True,
+    on_result: Callable[[PartOutcome, Any], None] | None = None,
+) -> list[PartOutcome]:
+    """Run every part not already stored; torch is imported only if something must be computed."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from workbench.store import ResultStore
+
+    store = store or ResultStore()
+    keys = [(req, req.key()) for req in spec.requests]
+    outcomes: list[PartOutcome] = []
+    pool = None
+    bar = tqdm(keys, desc=spec.title, unit="part", disable=not progress)
+    for req, key in bar:
+        bar.set_postfix_str(f"{req.analysis} {req.model} {key.task}")
+        t0 = time.perf_counter()
+        stored = store.get(key.run_id)
+        status = "stored"
+        if stored is None:
+            from workbench.run import ModelPool, compute
+
+            pool = pool or ModelPool()
+            stored = store.get_or_compute(key, lambda req=req, key=key: compute(req, pool.get(req.model), key))
+            status = "stored" if stored.from_store else "computed"
+        outcome = PartOutcome(req, key.run_id, status, time.perf_counter() - t0)
+        outcomes.append(outcome)
+        if on_result is not None:
+            on_result(outcome, stored)
+    return outcomes

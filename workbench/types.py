@@ -1,0 +1,212 @@
+"""The domain types: heads, prompt sets, run keys.
+
+Everything here is importable without torch, so the CLI can answer from the results store
+without loading a model. Tensors appear only as annotations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True, order=True)
+class Head:
+    """One attention head, ``Head(layer, head)``; hashable, so circuits are sets of heads."""
+
+    layer: int
+    head: int
+
+    def __str__(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the form every content hash is taken over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def sha256_hex(*parts: str | bytes) -> str:
+    """sha256 over the given parts, each length-prefixed so ("ab","c") != ("a","bc")."""
+    h = hashlib.sha256()
+    for p in parts:
+        b = p.encode() if isinstance(p, str) else p
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+@dataclass(eq=False)
+class PromptSet:
+    """Clean and corrupted prompts of equal token shape with their answer tokens.
+
+    ``clean`` and ``corrupt`` are ``Int[Tensor, "batch pos"]`` (already including BOS when the
+    set was built with ``prepend_bos=True``); ``correct`` and ``incorrect`` are
+    ``Int[Tensor, "batch"]`` token ids of the answer after the final position. ``meta`` holds
+    task-specific facts (e.g. the first position where clean and corrupt differ).
+    """
+
+    task: str
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    correct: torch.Tensor
+    incorrect: torch.Tensor
+    prompts: tuple[str, ...] = ()
+    corrupt_prompts: tuple[str, ...] = ()
+    prepend_bos: bool = False
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.clean.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.clean.shape[1])
+
+    def content_hash(self) -> str:
+        """sha256 of the token contents (clean, corrupt, answers) and the task name."""
+        import numpy as np
+
+        parts: list[str | bytes] = [self.task, str(self.prepend_bos)]
+        for t in (self.clean, self.corrupt, self.correct, self.incorrect):
+            a = np.ascontiguousarray(t.detach().cpu().numpy().astype("int64"))
+            parts += [str(a.shape), a.tobytes()]
+        return sha256_hex(*parts)
+
+    def __repr__(self) -> str:
+        return (
+            f"PromptSet(task={self.task!r}, n={self.n}, seq_len={self.seq_len}, "
+            f"prepend_bos={self.prepend_bos})"
+        )
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """Everything a result depends on; ``run_id`` is derived from the contents.
+
+    - ``model_fingerprint``: hash of the weights' source (file hash + converter version)
+    - ``analysis``: registry name; ``params``: canonical (defaults filled in) parameters
+    - ``data_hash``: hash of the prompt recipe (task, its parameters, shipped data files)
+    - ``code_version``: the workbench version (and the analysis's own version)
+    """
+
+    model: str
+    model_fingerprint: str
+    analysis: str
+    params: Mapping[str, Any]
+    task: str
+    data_hash: str
+    code_version: str
+
+    def canonical(self) -> str:
+        return canonical_json(
+            {
+                "model_fingerprint": self.model_fingerprint,
+                "analysis": self.analysis,
+                "params": dict(self.params),
+                "data_hash": self.data_hash,
+                "code_version": self.code_version,
+            }
+        )
+
+    @property
+    def run_id(self) -> str:
+        return sha256_hex(self.canonical())[:16]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "model_fingerprint": self.model_fingerprint,
+            "analysis": self.analysis,
+            "params": dict(self.params),
+            "task": self.task,
+            "data_hash": self.data_hash,
+            "code_version": self.code_version,
+        }
+
+
+HEAD_TABLE_COLUMNS: tuple[str, ...] = ("model", "run_id", "analysis", "metric", "layer", "head", "value")
+"""The tidy per-head schema every per-head result is stored in (plus optional stderr, n, ...)."""
+
+
+def heads_from(pairs: Sequence[tuple[int, int]]) -> frozenset[Head]:
+    return frozenset(Head(int(layer), int(head)) for layer, head in pairs)
+
+
+@dataclass(eq=False)
+class NeedleSample:
+    """One needle-in-a-haystack sample (Wu et al. 2024).
+
+    ``context`` is ``Int[Tensor, "pos"]``: the whole prompt (BOS if any, haystack with the needle
+    inserted, the question, and the chat template where the model has one) ending right before
+    the answer. ``needle_span`` is the half-open token range ``[start, end)`` of the needle inside
+    ``context``; ``answer`` is ``Int[Tensor, "ans"]``: the tokens of ``real_needle`` as the
+    model should generate them.
+    """
+
+    context: torch.Tensor
+    needle_span: tuple[int, int]
+    answer: torch.Tensor
+    needle: str
+    question: str
+    real_needle: str
+    depth_percent: float
+    context_length: int
+    haystack: str = ""
+
+
+@dataclass(eq=False)
+class NeedleSet:
+    """Needle samples over a grid of context lengths and depths, with a content hash."""
+
+    task: str
+    samples: tuple[NeedleSample, ...]
+    prepend_bos: bool = False
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    def content_hash(self) -> str:
+        import numpy as np
+
+        parts: list[str | bytes] = [self.task, str(self.prepend_bos)]
+        for s in self.samples:
+            parts += [
+                np.ascontiguousarray(s.context.cpu().numpy().astype("int64")).tobytes(),
+                str(s.needle_span),
+                np.ascontiguousarray(s.answer.cpu().numpy().astype("int64")).tobytes(),
+            ]
+        return sha256_hex(*parts)
+
+    def __repr__(self) -> str:
+        return f"NeedleSet(task={self.task!r}, n={self.n}, prepend_bos={self.prepend_bos})"
+
+
+@dataclass(eq=False)
+class HeadMetric:
+    """One per-head metric: ``mean`` and optional ``stderr`` as ``[n_layers, n_heads]`` arrays
+    (numpy), and ``n``, the number of samples each mean is over."""
+
+    mean: Any
+    stderr: Any | None = None
+    n: int = 1
+
+
+@dataclass(eq=False)
+class AnalysisOutput:
+    """What an analysis function returns: per-head metrics, other tidy tables (e.g. a layer x
+    position grid in long form) and facts for the run manifest. The runner turns it into
+    stored tables; the analysis never sees a run id or the store."""
+
+    head_metrics: dict[str, HeadMetric] = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
