@@ -20,7 +20,7 @@ TL_NAMES = {
 }
 
 
-def _texts_and_tokens(model, n=3, seq_len=12):
+def _texts_and_tokens(model, n=3, seq_len=8):
     """Repeated-random-token texts, and the tokens TransformerLens itself makes of them."""
     ps = build_task("induction", model.codec, {"n_prompts": n, "seq_len": seq_len})
     bos = model.codec.bos_token_id
@@ -66,7 +66,7 @@ def test_matches_transformerlens_on_test_models(load, name, kw):
 
 
 def test_toy_model_planted_induction_head_ranks_first(toy):
-    ps = build_task("induction", toy.codec, {"n_prompts": 16, "seq_len": 16, "seed": 3})
+    ps = build_task("induction", toy.codec, {"n_prompts": 16, "seq_len": 8, "seed": 3})
     out = head_detectors(toy, ps, HeadDetectorParams())
     scores = torch.tensor(out.head_metrics["induction"].mean)
     layer, head = toy.extra["induction_head"]

@@ -106,7 +106,7 @@ def run(
             for metric in result.metrics:
                 typer.echo(f"  top {top} heads by {metric}:")
                 t = result.top(metric, top)
-                t.insert(0, "head_id", [f"L{a}H{b}" for a, b in zip(t.layer, t.head, strict=True)])
+                t.insert(0, "head_id", [f"L{a}H{b}" for a, b in zip(t["layer"], t["head"], strict=True)])
                 typer.echo("    " + t.to_string(index=False).replace("\n", "\n    "))
 
     outcomes = run_spec(loaded, progress=progress, on_result=report)

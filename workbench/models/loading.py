@@ -251,7 +251,12 @@ def _boot(entry: ModelEntry, hf_model: Any, tok: Any, device: str | None) -> Any
 
     if entry.architectures:
         hf_model.config.architectures = list(entry.architectures)
-    with _quiet():
+    keep_tokenizer: Any = contextlib.nullcontext()
+    if entry.source in ("tiny", "toy"):  # in-memory tokenizers: TL must not try to reload them
+        from workbench.models.tiny import _bos_already_handled
+
+        keep_tokenizer = _bos_already_handled(tok)
+    with _quiet(), keep_tokenizer:
         bridge = TransformerBridge.boot_transformers(
             entry.hf_name, hf_model=hf_model, tokenizer=tok, device=device or "cpu"
         )

@@ -128,11 +128,15 @@ def _hf_config(
 ) -> Any:
     """The HF config of a tiny model of ``arch`` (eager attention, fp32, no dropout)."""
     import torch
-    from transformers import GPT2Config, Gemma3TextConfig, LlamaConfig
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig
 
     if d_model % n_heads:
         raise WorkbenchError(f"d_model {d_model} is not a multiple of n_heads {n_heads}")
-    specials = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    specials: dict[str, Any] = {
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+    }
     d_head = d_model // n_heads
     config: Any
     if arch == "gpt2":
@@ -250,10 +254,12 @@ def boot_bridge(hf_model: PreTrainedModel, tokenizer: Any, name: str) -> Transfo
     """Wrap a loaded HF model in a ``TransformerBridge`` on the CPU, quietly, in eval mode.
 
     ``name`` is only a label (e.g. ``"workbench/tiny-llama"``): with ``hf_model`` given the
-    bridge reads ``hf_model.config`` and never contacts the hub. The bridge wraps the HF
-    modules in place (and forces eager attention), so the HF model is modified; deep-copy it
-    first if it must stay untouched. Note that the bridge prepends BOS to *string* inputs by
-    default (``cfg.default_prepend_bos``); pass token tensors or ``prepend_bos=False``.
+    bridge reads ``hf_model.config`` and never contacts the hub. The tokenizer is used as
+    given (see :func:`_bos_already_handled`). The bridge wraps the HF modules in place and
+    forces eager attention: the HF model still computes the same logits, but its
+    ``state_dict`` keys gain ``_original_component`` segments, so save weights before booting
+    or from a deep copy. The bridge prepends BOS to *string* inputs by default
+    (``cfg.default_prepend_bos``); pass token tensors with ``prepend_bos=False``.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
