@@ -27,8 +27,8 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/workbench run analyses/demo.toml --print
 
-test: setup
-	$(BIN)/python -m pytest $(PYTEST_FLAGS) tests
+test: setup lint
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) --durations=15 tests
 
 test-unit: setup
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not models" tests
@@ -37,8 +37,8 @@ test-models: setup
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m models tests
 
 lint: setup
-	$(BIN)/ruff check workbench tests scripts
-	$(BIN)/ruff format --check workbench tests scripts
+	$(BIN)/ruff check workbench tests scripts benchmarks
+	$(BIN)/ruff format --check workbench tests scripts benchmarks
 	$(BIN)/mypy
 
 typecheck: setup

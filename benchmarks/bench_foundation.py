@@ -43,14 +43,18 @@ def main() -> None:
         if not args.skip_cold:
             cold, out = timed([sys.executable, "-c", load], env)
             warm, out2 = timed([sys.executable, "-c", load], env)
-            print(f"load {args.model}: cold (GGUF de-quantise + convert) {cold:.1f}s "
-                  f"[in-process {out.split()[0]}s], warm (safetensors cache) {warm:.1f}s "
-                  f"[in-process {out2.split()[0]}s]; ratio {cold / warm:.1f}x")
+            print(
+                f"load {args.model}: cold (GGUF de-quantise + convert) {cold:.1f}s "
+                f"[in-process {out.split()[0]}s], warm (safetensors cache) {warm:.1f}s "
+                f"[in-process {out2.split()[0]}s]; ratio {cold / warm:.1f}x"
+            )
         cli = [sys.executable, "-m", "workbench.cli", "run", args.spec, "--no-progress"]
         first, o1 = timed(cli, env)
         second, o2 = timed(cli, env)
-        print(f"spec {Path(args.spec).name}: first run (computes) {first:.2f}s, second run "
-              f"(from the store) {second:.2f}s; ratio {first / second:.1f}x")
+        print(
+            f"spec {Path(args.spec).name}: first run (computes) {first:.2f}s, second run "
+            f"(from the store) {second:.2f}s; ratio {first / second:.1f}x"
+        )
         print("  first: ", o1.strip().splitlines()[-1])
         print("  second:", o2.strip().splitlines()[-1])
 

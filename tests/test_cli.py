@@ -39,7 +39,11 @@ def _spec(tmp_path: Path, text: str = SPEC, name: str = "spec.toml") -> Path:
 
 def _run_ids(capsys) -> list[str]:
     out = capsys.readouterr().out
-    return [line.split()[1] for line in out.splitlines() if line.strip().startswith(("computed", "stored"))]
+    return [
+        line.split()[1]
+        for line in out.splitlines()
+        if line.strip().startswith(("computed", "stored"))
+    ]
 
 
 def test_run_twice_second_from_store(home, capsys):
@@ -61,7 +65,9 @@ def test_stored_spec_runs_without_torch(home):
         "from workbench.cli import main\n"
         f"sys.exit(main(['run', {str(spec)!r}, '--no-progress']))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ
+    )
     assert proc.returncode == 0, proc.stderr
     assert "0 computed, 1 from the store" in proc.stdout
 
@@ -79,10 +85,21 @@ def test_export_formats_have_the_schema(home, capsys):
         out = home / f"heads.{fmt}"
         assert main(["export", *ids, "--format", fmt, "-o", str(out)]) == 0
         df = reader(out)
-        assert list(df.columns[:7]) == ["model", "run_id", "analysis", "metric", "layer", "head", "value"]
+        assert list(df.columns[:7]) == [
+            "model",
+            "run_id",
+            "analysis",
+            "metric",
+            "layer",
+            "head",
+            "value",
+        ]
         assert set(df["run_id"]) == set(ids)
         assert len(df) == 2 * 3 * 2 * 4  # runs x detectors x layers x heads
-        assert df.groupby("run_id")["model"].first().to_dict() == {ids[0]: "tiny-llama", ids[1]: "tiny-gpt2"}
+        assert df.groupby("run_id")["model"].first().to_dict() == {
+            ids[0]: "tiny-llama",
+            ids[1]: "tiny-gpt2",
+        }
 
 
 def test_runs_and_show(home, capsys):
@@ -113,7 +130,10 @@ BAD_SPECS = {
     "unknown task": (_bad(tasks='["nope"]'), "unknown task 'nope'"),
     "unknown param": (_bad(params="{ bogus = 1 }"), "unknown parameter(s) bogus"),
     "ill-typed param": (_bad(params='{ batch_size = "eight" }'), "'batch_size' must be int"),
-    "bad task param": (_bad(tasks='[{ name = "induction", seq_len = "x" }]'), "'seq_len' must be int"),
+    "bad task param": (
+        _bad(tasks='[{ name = "induction", seq_len = "x" }]'),
+        "'seq_len' must be int",
+    ),
     "unknown spec key": (_bad(colour='"red"'), "unknown key(s) colour"),
 }
 

@@ -107,7 +107,10 @@ def test_batching_does_not_change_scores(load):
     b = head_detectors(model, ps, HeadDetectorParams(batch_size=5))
     for d in a.head_metrics:
         torch.testing.assert_close(
-            torch.tensor(a.head_metrics[d].mean), torch.tensor(b.head_metrics[d].mean), atol=1e-6, rtol=0
+            torch.tensor(a.head_metrics[d].mean),
+            torch.tensor(b.head_metrics[d].mean),
+            atol=1e-6,
+            rtol=0,
         )
 
 

@@ -26,7 +26,9 @@ def _echo_table(df: object) -> None:
     import pandas as pd
 
     assert isinstance(df, pd.DataFrame)
-    with pd.option_context("display.max_rows", 200, "display.max_columns", 20, "display.width", 160):
+    with pd.option_context(
+        "display.max_rows", 200, "display.max_columns", 20, "display.width", 160
+    ):
         typer.echo(df.to_string(index=False) if len(df) else "(none)")
 
 
@@ -106,7 +108,9 @@ def run(
             for metric in result.metrics:
                 typer.echo(f"  top {top} heads by {metric}:")
                 t = result.top(metric, top)
-                t.insert(0, "head_id", [f"L{a}H{b}" for a, b in zip(t["layer"], t["head"], strict=True)])
+                t.insert(
+                    0, "head_id", [f"L{a}H{b}" for a, b in zip(t["layer"], t["head"], strict=True)]
+                )
                 typer.echo("    " + t.to_string(index=False).replace("\n", "\n    "))
 
     outcomes = run_spec(loaded, progress=progress, on_result=report)
@@ -158,7 +162,9 @@ def show(
 def _writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise WorkbenchError(f"cannot write {path}: folder {parent} does not exist", "create it first")
+        raise WorkbenchError(
+            f"cannot write {path}: folder {parent} does not exist", "create it first"
+        )
     import os
 
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -170,7 +176,9 @@ def export(
     run_ids: Annotated[list[str], typer.Argument(help="one or more run ids (prefixes)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="output file")],
     fmt: Annotated[str, typer.Option("--format", help="csv, parquet or json")] = "csv",
-    table: Annotated[str, typer.Option(help="which table (heads, or another stored table)")] = "heads",
+    table: Annotated[
+        str, typer.Option(help="which table (heads, or another stored table)")
+    ] = "heads",
 ) -> None:
     """Export runs' tables as one tidy CSV / Parquet / JSON file."""
     import pandas as pd

@@ -15,9 +15,7 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 
-def head_table(
-    output: AnalysisOutput, *, model: str, run_id: str, analysis: str
-) -> pd.DataFrame:
+def head_table(output: AnalysisOutput, *, model: str, run_id: str, analysis: str) -> pd.DataFrame:
     """Tidy rows ``model, run_id, analysis, metric, layer, head, value, stderr, n``."""
     import numpy as np
     import pandas as pd

@@ -34,7 +34,7 @@ def parse_bos(value: Any) -> bool | None:
         return None
     if isinstance(value, bool):
         return value
-    raise WorkbenchError(f"prepend_bos must be true, false or \"auto\", got {value!r}", "fix it")
+    raise WorkbenchError(f'prepend_bos must be true, false or "auto", got {value!r}', "fix it")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,9 @@ class RunRequest:
         parsed = analysis.parse_params(dict(self.params))
         task = self.task or analysis.default_task
         spec = get_task(task)
-        task_parsed = P.from_mapping(spec.params_cls, dict(self.task_params), where=f"task '{task}'")
+        task_parsed: Any = P.from_mapping(
+            spec.params_cls, dict(self.task_params), where=f"task '{task}'"
+        )
         return analysis, parsed, task, P.to_dict(task_parsed)
 
     def key(self, model_fingerprint: str | None = None) -> RunKey:
@@ -123,7 +125,9 @@ def compute(request: RunRequest, model: LoadedModel, key: RunKey) -> tuple[dict[
     t2 = time.perf_counter()
     tables = dict(output.tables)
     if output.head_metrics:
-        tables["heads"] = head_table(output, model=model.name, run_id=key.run_id, analysis=analysis.name)
+        tables["heads"] = head_table(
+            output, model=model.name, run_id=key.run_id, analysis=analysis.name
+        )
     info = {
         **output.info,
         "prompt_hash": prompts.content_hash(),
@@ -175,7 +179,9 @@ def run_analysis(
     name = model if isinstance(model, str) else model.name
     if not isinstance(model, str):
         pool.add(model)
-    request = RunRequest(analysis, name, task, dict(params or {}), dict(task_params or {}), prepend_bos)
+    request = RunRequest(
+        analysis, name, task, dict(params or {}), dict(task_params or {}), prepend_bos
+    )
     fp = None if isinstance(model, str) else model.fingerprint
     key = request.key(fp)
     stored = store.get_or_compute(key, lambda: compute(request, pool.get(name), key))

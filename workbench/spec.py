@@ -42,7 +42,8 @@ def _unknown(where: str, keys: set[str], allowed: set[str]) -> None:
     extra = sorted(keys - allowed)
     if extra:
         raise WorkbenchError(
-            f"{where}: unknown key(s) {', '.join(extra)}", f"allowed keys: {', '.join(sorted(allowed))}"
+            f"{where}: unknown key(s) {', '.join(extra)}",
+            f"allowed keys: {', '.join(sorted(allowed))}",
         )
 
 
@@ -62,23 +63,33 @@ def load_spec(path: str | Path) -> Spec:
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise WorkbenchError(f"malformed TOML in {path}: {exc}", "fix the syntax at that line") from None
+        raise WorkbenchError(
+            f"malformed TOML in {path}: {exc}", "fix the syntax at that line"
+        ) from None
     _unknown(str(path), set(data), _TOP_KEYS)
     defaults = data.get("defaults", {})
     _unknown(f"{path} [defaults]", set(defaults), _DEFAULT_KEYS)
-    default_models = _str_list(f"{path} [defaults] models", defaults.get("models", ["smollm2-135m"]))
+    default_models = _str_list(
+        f"{path} [defaults] models", defaults.get("models", ["smollm2-135m"])
+    )
     entries = data.get("analysis", [])
     if not isinstance(entries, list) or not entries:
-        raise WorkbenchError(f"{path}: no [[analysis]] entries", "add at least one [[analysis]] table")
+        raise WorkbenchError(
+            f"{path}: no [[analysis]] entries", "add at least one [[analysis]] table"
+        )
     requests: list[RunRequest] = []
     for i, entry in enumerate(entries, 1):
         where = f"{path} [[analysis]] #{i}"
         _unknown(where, set(entry), _ANALYSIS_KEYS)
         if "name" not in entry:
-            raise WorkbenchError(f"{where}: missing 'name'", "name the analysis, e.g. name = \"head_detectors\"")
+            raise WorkbenchError(
+                f"{where}: missing 'name'", 'name the analysis, e.g. name = "head_detectors"'
+            )
         params = entry.get("params", {})
         if not isinstance(params, dict):
-            raise WorkbenchError(f"{where}: params must be a table", "write params = { key = value }")
+            raise WorkbenchError(
+                f"{where}: params must be a table", "write params = { key = value }"
+            )
         bos = parse_bos(entry.get("prepend_bos", defaults.get("prepend_bos", "auto")))
         models = _str_list(f"{where} models", entry.get("models", default_models))
         tasks: list[Any] = entry.get("tasks", [None])
@@ -89,12 +100,16 @@ def load_spec(path: str | Path) -> Spec:
                 if isinstance(task, dict):
                     task = dict(task)
                     if "name" not in task:
-                        raise WorkbenchError(f"{where}: a task table needs 'name'", "add name = \"...\"")
+                        raise WorkbenchError(
+                            f"{where}: a task table needs 'name'", 'add name = "..."'
+                        )
                     name = task.pop("name")
                 elif task is None or isinstance(task, str):
                     name, task = task, {}
                 else:
-                    raise WorkbenchError(f"{where}: tasks entries must be names or tables", "fix the spec")
+                    raise WorkbenchError(
+                        f"{where}: tasks entries must be names or tables", "fix the spec"
+                    )
                 req = RunRequest(entry["name"], model, name, params, task, bos)
                 req.resolve()  # validates analysis, params, task and task params now
                 requests.append(req)
@@ -126,7 +141,7 @@ def run_spec(
     store = store or ResultStore()
     keys = [(req, req.key()) for req in spec.requests]
     outcomes: list[PartOutcome] = []
-    pool = None
+    pool: Any = None
     bar = tqdm(keys, desc=spec.title, unit="part", disable=not progress)
     for req, key in bar:
         bar.set_postfix_str(f"{req.analysis} {req.model} {key.task}")
@@ -137,7 +152,11 @@ def run_spec(
             from workbench.run import ModelPool, compute
 
             pool = pool or ModelPool()
-            stored = store.get_or_compute(key, lambda req=req, key=key: compute(req, pool.get(req.model), key))
+
+            def work(req: RunRequest = req, key: Any = key, pool: Any = pool) -> Any:
+                return compute(req, pool.get(req.model), key)
+
+            stored = store.get_or_compute(key, work)
             status = "stored" if stored.from_store else "computed"
         outcome = PartOutcome(req, key.run_id, status, time.perf_counter() - t0)
         outcomes.append(outcome)

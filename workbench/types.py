@@ -132,7 +132,15 @@ class RunKey:
         }
 
 
-HEAD_TABLE_COLUMNS: tuple[str, ...] = ("model", "run_id", "analysis", "metric", "layer", "head", "value")
+HEAD_TABLE_COLUMNS: tuple[str, ...] = (
+    "model",
+    "run_id",
+    "analysis",
+    "metric",
+    "layer",
+    "head",
+    "value",
+)
 """The tidy per-head schema every per-head result is stored in (plus optional stderr, n, ...)."""
 
 

@@ -119,5 +119,9 @@ def head_detectors(
         metrics[d] = HeadMetric(arr.mean(axis=0), stderr, n)
     return AnalysisOutput(
         head_metrics=metrics,
-        info={"n_sequences": n, "seq_len": int(tokens.shape[1]), "detectors": list(params.detectors)},
+        info={
+            "n_sequences": n,
+            "seq_len": int(tokens.shape[1]),
+            "detectors": list(params.detectors),
+        },
     )

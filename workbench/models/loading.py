@@ -221,8 +221,30 @@ def load_model(
     n_ctx = int(getattr(bridge.cfg, "n_ctx", 0) or 0) or 2048
     bos = default_prepend_bos(tok) if prepend_bos is None else prepend_bos
     codec = TextCodec(tok, prepend_bos=bos, n_ctx=n_ctx, model_name=name)
-    return LoadedModel(
-        name, entry, bridge, tok, codec, fp, time.perf_counter() - t0, hit, extra
+    return LoadedModel(name, entry, bridge, tok, codec, fp, time.perf_counter() - t0, hit, extra)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick DNS + TCP check, so an offline machine fails at once rather than after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_error(hf_name: str, why: str) -> WorkbenchError:
+    from workbench.models.registry import MODELS
+
+    offline = ", ".join(n for n, e in MODELS.items() if e.source == "gguf")
+    return WorkbenchError(
+        f"cannot load '{hf_name}' from the hub ({why})", f"offline, use one of: {offline}"
     )
 
 
@@ -230,18 +252,14 @@ def _hf_from_hub(hf_name: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not Path(hf_name).is_dir() and not _hub_reachable():
+        raise _offline_error(hf_name, "the hub is not reachable")
     try:
         with _quiet():
             tok = AutoTokenizer.from_pretrained(hf_name)
             model = AutoModelForCausalLM.from_pretrained(hf_name, dtype=torch.float32)
     except OSError as exc:
-        from workbench.models.registry import MODELS
-
-        offline = ", ".join(n for n, e in MODELS.items() if e.source == "gguf")
-        raise WorkbenchError(
-            f"cannot load '{hf_name}' from the hub ({type(exc).__name__})",
-            f"offline, use one of: {offline}",
-        ) from None
+        raise _offline_error(hf_name, type(exc).__name__) from None
     model.eval()
     return model, tok
 

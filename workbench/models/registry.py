@@ -203,7 +203,9 @@ def fingerprint(name: str) -> str:
         for fname in ("model.safetensors", "config.json", "tokenizer.json"):
             p = folder / fname
             if not p.exists():
-                raise WorkbenchError(f"toy model file missing: {p}", "run scripts/train_toy_induction.py")
+                raise WorkbenchError(
+                    f"toy model file missing: {p}", "run scripts/train_toy_induction.py"
+                )
             parts.append(_file_sha256(p))
     elif entry.source == "tiny":
         parts += [str(entry.tiny_arch), _version("torch"), _version("transformers")]
