@@ -90,20 +90,21 @@ def run(
 ) -> None:
     """Run a spec; parts already in the store are read back, not recomputed."""
     from workbench.results import AnalysisResult
-    from workbench.spec import load_spec, run_spec
+    from workbench.spec import PartOutcome, load_spec, run_spec
+    from workbench.store import ResultStore
 
     loaded = load_spec(spec)
 
-    def report(outcome: object, stored: object) -> None:
-        from workbench.spec import PartOutcome
+    store = ResultStore()
 
-        assert isinstance(outcome, PartOutcome)
+    def report(outcome: PartOutcome) -> None:
         r = outcome.request
         typer.echo(
             f"{outcome.status:>8}  {outcome.run_id}  {r.analysis} / {r.model} / "
             f"{r.task or 'default task'}  ({outcome.seconds:.2f}s)"
         )
-        if print_tables:
+        stored = store.get(outcome.run_id) if print_tables else None
+        if stored is not None:
             result = AnalysisResult.from_stored(stored)
             for metric in result.metrics:
                 typer.echo(f"  top {top} heads by {metric}:")
@@ -113,7 +114,7 @@ def run(
                 )
                 typer.echo("    " + t.to_string(index=False).replace("\n", "\n    "))
 
-    outcomes = run_spec(loaded, progress=progress, on_result=report)
+    outcomes = run_spec(loaded, store=store, progress=progress, on_result=report)
     n_stored = sum(o.status == "stored" for o in outcomes)
     typer.echo(
         f"{len(outcomes)} part(s): {len(outcomes) - n_stored} computed, {n_stored} from the store"

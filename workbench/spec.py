@@ -129,9 +129,13 @@ def run_spec(
     *,
     store: Any = None,
     progress: bool = True,
-    on_result: Callable[[PartOutcome, Any], None] | None = None,
+    on_result: Callable[[PartOutcome], None] | None = None,
 ) -> list[PartOutcome]:
-    """Run every part not already stored; torch is imported only if something must be computed."""
+    """Run every part not already stored; torch is imported only if something must be computed.
+
+    A stored part is only verified (catalog row and file checksums), not read: callers that
+    want its tables call ``store.get(outcome.run_id)``.
+    """
     import time
 
     from tqdm.auto import tqdm
@@ -146,9 +150,8 @@ def run_spec(
     for req, key in bar:
         bar.set_postfix_str(f"{req.analysis} {req.model} {key.task}")
         t0 = time.perf_counter()
-        stored = store.get(key.run_id)
         status = "stored"
-        if stored is None:
+        if not store.has(key.run_id):
             from workbench.run import ModelPool, compute
 
             pool = pool or ModelPool()
@@ -161,5 +164,5 @@ def run_spec(
         outcome = PartOutcome(req, key.run_id, status, time.perf_counter() - t0)
         outcomes.append(outcome)
         if on_result is not None:
-            on_result(outcome, stored)
+            on_result(outcome)
     return outcomes

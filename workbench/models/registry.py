@@ -184,8 +184,9 @@ def fingerprint(name: str) -> str:
     """Content fingerprint of a model's weights' source, computed without loading it.
 
     GGUF models: sha256 of the GGUF file + converter, transformers and gguf versions.
-    Toy model: sha256 of its safetensors and config. Tiny models: architecture, seed and
-    torch version (random init). Hub models: the name (weights unknown until loaded).
+    Toy model: sha256 of its safetensors, config and tokenizer. Tiny models (random init):
+    architecture, the builder's source, the vocabulary and the torch / transformers versions.
+    Hub models: the name (weights unknown until loaded).
     """
     entry = get_entry(name)
     parts: list[str] = [entry.source, entry.hf_name]
@@ -208,7 +209,12 @@ def fingerprint(name: str) -> str:
                 )
             parts.append(_file_sha256(p))
     elif entry.source == "tiny":
+        from workbench.tasks import task_vocabulary
+
+        # random init from a seed: the builder's code, its vocabulary and the library versions
         parts += [str(entry.tiny_arch), _version("torch"), _version("transformers")]
+        parts.append(_file_sha256(Path(__file__).with_name("tiny.py")))
+        parts.append(hashlib.sha256("\n".join(task_vocabulary()).encode()).hexdigest())
     else:
         parts += ["hub", _version("transformers")]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
