@@ -89,6 +89,7 @@ def run(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Run a spec; parts already in the store are read back, not recomputed."""
+    from workbench.registry import get_analysis
     from workbench.results import AnalysisResult
     from workbench.spec import PartOutcome, load_spec, run_spec
     from workbench.store import ResultStore
@@ -101,7 +102,7 @@ def run(
         r = outcome.request
         typer.echo(
             f"{outcome.status:>8}  {outcome.run_id}  {r.analysis} / {r.model} / "
-            f"{r.task or 'default task'}  ({outcome.seconds:.2f}s)"
+            f"{r.task or get_analysis(r.analysis).default_task}  ({outcome.seconds:.2f}s)"
         )
         stored = store.get(outcome.run_id) if print_tables else None
         if stored is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from workbench import params as P
 from workbench.errors import WorkbenchError
+from workbench.methods.dla_schemas import DLAParams, LogitLensParams
 from workbench.methods.schemas import HeadDetectorParams
 
 
@@ -70,5 +71,30 @@ register(
         function="head_detectors",
         default_task="induction",
         reference="TransformerLens head_detector; Olsson et al. 2022",
+    )
+)
+
+register(
+    Analysis(
+        name="direct_logit_attribution",
+        description="each head's, MLP's and the embeddings' direct effect on the final-position "
+        "logit difference (final norm scale frozen; components sum to the logit difference)",
+        params_cls=DLAParams,
+        module="workbench.methods.dla",
+        function="direct_logit_attribution",
+        default_task="ioi",
+        reference="Elhage et al. 2021; Wang et al. 2022 (IOI)",
+    )
+)
+register(
+    Analysis(
+        name="logit_lens",
+        description="logit difference, probability and rank of the answer read from the "
+        "residual stream after each layer (final norm + unembedding)",
+        params_cls=LogitLensParams,
+        module="workbench.methods.dla",
+        function="logit_lens",
+        default_task="ioi",
+        reference="nostalgebraist 2020 (logit lens)",
     )
 )
