@@ -35,9 +35,7 @@ def test_bad_values_are_one_line_errors(values, message):
 
 
 def test_unknown_analysis():
-    with pytest.raises(
-        WorkbenchError, match="unknown analysis 'x'; known analyses: head_detectors"
-    ):
+    with pytest.raises(WorkbenchError, match="unknown analysis 'x'; known analyses: "):
         get_analysis("x")
 
 
