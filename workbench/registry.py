@@ -15,6 +15,7 @@ from typing import Any
 
 from workbench import params as P
 from workbench.errors import WorkbenchError
+from workbench.methods.attribution_schemas import AttributionParams, PathPatchingParams
 from workbench.methods.dla_schemas import DLAParams, LogitLensParams
 from workbench.methods.schemas import HeadDetectorParams
 
@@ -96,5 +97,29 @@ register(
         function="logit_lens",
         default_task="ioi",
         reference="nostalgebraist 2020 (logit lens)",
+    )
+)
+register(
+    Analysis(
+        name="attribution_patching",
+        description="first-order estimate of every patching effect (head z, resid_pre, "
+        "attn_out, mlp_out per layer x position) from two forwards and one backward",
+        params_cls=AttributionParams,
+        module="workbench.methods.attribution",
+        function="attribution_patching",
+        default_task="ioi",
+        reference="Nanda 2023; Syed et al. 2023 (Attribution patching outperforms ACDC)",
+    )
+)
+register(
+    Analysis(
+        name="path_patching",
+        description="each sender head's effect through chosen receivers only (logits or "
+        "later heads' q/k/v), other heads frozen",
+        params_cls=PathPatchingParams,
+        module="workbench.methods.path_patching",
+        function="path_patching",
+        default_task="ioi",
+        reference="Wang et al. 2022 (IOI); Goldowsky-Dill et al. 2023",
     )
 )

@@ -1,0 +1,119 @@
+"""Parameter schemas of attribution patching and path patching (torch-free, so the CLI can
+list them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from workbench.errors import WorkbenchError
+
+ATTRIBUTION_METRICS = ("logit_diff", "norm_logit_diff", "prob", "loss", "kl")
+PATH_METRICS = ("logit_diff", "norm_logit_diff")
+DIRECTIONS = ("denoise", "noise")
+QKV = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class AttributionParams:
+    """Attribution patching (Nanda 2023; Syed et al. 2023): a first-order estimate of every
+    activation-patching effect from two forwards and one backward."""
+
+    metric: str = field(
+        default="logit_diff",
+        metadata={
+            "help": "logit_diff, norm_logit_diff, prob, loss or kl (read at the last position)"
+        },
+    )
+    direction: Literal["denoise", "noise"] = field(
+        default="denoise",
+        metadata={
+            "help": "denoise: gradient on the corrupted run times (clean - corrupt); "
+            "noise: gradient on the clean run times (corrupt - clean)"
+        },
+    )
+    batch_size: int = field(default=16, metadata={"help": "prompts per forward/backward pass"})
+
+    def validate(self) -> None:
+        if self.metric not in ATTRIBUTION_METRICS:
+            raise WorkbenchError(
+                f"attribution_patching: unknown metric '{self.metric}'",
+                f"choose from {', '.join(ATTRIBUTION_METRICS)}",
+            )
+        if self.direction not in DIRECTIONS:
+            raise WorkbenchError(
+                f"attribution_patching: unknown direction '{self.direction}'",
+                "choose denoise or noise",
+            )
+        if self.batch_size < 1:
+            raise WorkbenchError(
+                "attribution_patching: batch_size must be >= 1", "set batch_size = 16"
+            )
+
+
+@dataclass(frozen=True)
+class PathPatchingParams:
+    """Path patching (Wang et al. 2022; Goldowsky-Dill et al. 2023): each sender head's effect
+    through the chosen receivers only."""
+
+    receivers: str | tuple[tuple[int | str, ...], ...] = field(
+        default="logits",
+        metadata={
+            "help": '"logits" or a list of (layer, head, "q"|"k"|"v") receiver head inputs '
+            "(k/v of a GQA model are per KV head: patching one patches every query head "
+            "sharing it)"
+        },
+    )
+    senders: tuple[tuple[int, ...], ...] | None = field(
+        default=None,
+        metadata={
+            "help": "(layer, head) senders; default: every head before the earliest receiver"
+        },
+    )
+    metric: str = field(
+        default="logit_diff",
+        metadata={"help": "logit_diff (change from the base run) or norm_logit_diff"},
+    )
+    direction: Literal["denoise", "noise"] = field(
+        default="denoise",
+        metadata={
+            "help": "denoise: clean sender into the corrupted run; noise: corrupted sender "
+            "into the clean run"
+        },
+    )
+    freeze_mlps: bool = field(
+        default=False,
+        metadata={"help": "also freeze MLP outputs in the sender pass (IOI paper: recomputed)"},
+    )
+
+    def validate(self) -> None:
+        where = "path_patching"
+        if self.metric not in PATH_METRICS:
+            raise WorkbenchError(
+                f"{where}: unknown metric '{self.metric}'", f"choose from {', '.join(PATH_METRICS)}"
+            )
+        if self.direction not in DIRECTIONS:
+            raise WorkbenchError(
+                f"{where}: unknown direction '{self.direction}'", "choose denoise or noise"
+            )
+        if isinstance(self.receivers, str):
+            if self.receivers != "logits":
+                raise WorkbenchError(
+                    f"{where}: unknown receivers '{self.receivers}'",
+                    'use "logits" or a list of (layer, head, "q"|"k"|"v")',
+                )
+        else:
+            if len(self.receivers) == 0:
+                raise WorkbenchError(f"{where}: no receivers given", 'use receivers = "logits"')
+            for r in self.receivers:
+                ok = len(r) == 3 and all(isinstance(x, int) for x in r[:2])
+                if not ok or r[2] not in QKV:
+                    raise WorkbenchError(
+                        f"{where}: bad receiver {tuple(r)!r}",
+                        'give (layer, head, "q"|"k"|"v") for each receiver',
+                    )
+        for s in self.senders or ():
+            if len(s) != 2 or not all(isinstance(x, int) for x in s):
+                raise WorkbenchError(
+                    f"{where}: bad sender {tuple(s)!r}", "give (layer, head) for each sender"
+                )
