@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from workbench.compare import agreement
 from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name, hooked
-from workbench.methods.attribution import agreement, attribution_patching, attribution_scores
+from workbench.methods.attribution import attribution_patching, attribution_scores
 from workbench.methods.attribution_schemas import AttributionParams
 from workbench.tasks import build_task
 from workbench.types import PromptSet

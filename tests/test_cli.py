@@ -194,3 +194,20 @@ def test_kill_9_mid_spec_then_resume_has_no_duplicates(home):
     assert f"{9 - done_before} computed, {done_before} from the store" in out
     runs = store.list_runs()
     assert len(runs) == 9 and runs["run_id"].is_unique
+
+
+def test_compare_two_runs(home, capsys):
+    spec = _spec(
+        home,
+        SPEC + '\n[[analysis]]\nname = "head_detectors"\nmodels = ["tiny-llama"]\n'
+        "params = { exclude_bos = true }\n"
+        'tasks = [{ name = "induction", seq_len = 8, n_prompts = 4 }]\n',
+    )
+    assert main(["run", str(spec), "--no-progress"]) == 0
+    a, b = _run_ids(capsys)
+    assert main(["compare", a, a, "--k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "spearman: 1.0000" in out and "top_k_overlap: 1.0000" in out
+    assert main(["compare", a, b, "--metric-a", "induction", "--metric-b", "induction"]) == 0
+    assert main(["compare", a, b, "--metric-a", "nope"]) == 2
+    assert "has no metric 'nope'" in capsys.readouterr().err

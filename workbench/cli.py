@@ -213,6 +213,23 @@ def export(
     typer.echo(f"wrote {len(df)} rows from {len(frames)} run(s) to {output}")
 
 
+@app.command()
+def compare(
+    run_a: Annotated[str, typer.Argument(help="the estimate (e.g. an attribution run)")],
+    run_b: Annotated[str, typer.Argument(help="the reference (e.g. an exact patching run)")],
+    metric_a: Annotated[str | None, typer.Option(help="metric of run A")] = None,
+    metric_b: Annotated[str | None, typer.Option(help="metric of run B")] = None,
+    k: Annotated[int, typer.Option(help="top-k for the overlap")] = 10,
+) -> None:
+    """Agreement of two per-head runs: Spearman, Pearson and top-k overlap."""
+    from workbench.compare import compare_runs
+    from workbench.store import ResultStore
+
+    out = compare_runs(ResultStore(), run_a, run_b, metric_a=metric_a, metric_b=metric_b, k=k)
+    for key, value in out.items():
+        typer.echo(f"{key:>14}: {value:.4f}" if isinstance(value, float) else f"{key:>14}: {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors). Tests call ``main([...])``."""
     try:
