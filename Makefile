@@ -46,3 +46,4 @@ typecheck: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_foundation.py
+	$(BIN)/python benchmarks/bench_patching.py --tl-layers 3

@@ -17,6 +17,7 @@ from workbench import params as P
 from workbench.errors import WorkbenchError
 from workbench.methods.attribution_schemas import AttributionParams, PathPatchingParams
 from workbench.methods.dla_schemas import DLAParams, LogitLensParams
+from workbench.methods.patching.schemas import ActivationPatchingParams
 from workbench.methods.schemas import HeadDetectorParams
 
 
@@ -121,5 +122,17 @@ register(
         function="path_patching",
         default_task="ioi",
         reference="Wang et al. 2022 (IOI); Goldowsky-Dill et al. 2023",
+    )
+)
+register(
+    Analysis(
+        name="activation_patching",
+        description="exact activation patching (denoising/noising) per layer, head, KV head or "
+        "position; resumes at the patched layer, batches variants, skips the identical prefix",
+        params_cls=ActivationPatchingParams,
+        module="workbench.methods.patching",
+        function="activation_patching",
+        default_task="ioi",
+        reference="Wang et al. 2022; Heimersheim & Nanda 2024; TransformerLens patching",
     )
 )

@@ -1,0 +1,285 @@
+"""The fast exact patching sweep: resume from the patched layer, many variants per batch.
+
+For a patch at layer ``l`` of the base run (corrupted for denoising, clean for noising):
+
+1. Every activation before layer ``l`` is unchanged, so the run resumes from the base run's
+   cached residual ``resid_pre[l]``: blocks ``l .. L-1`` are called directly with the very
+   arguments the model passed them in the base run (attention mask, rotary cos/sin, position
+   ids, recorded per block by a pre-forward hook), so GQA, Gemma's sliding-window layers and
+   their local/global rotary embeddings are reproduced exactly. (The bridge's own
+   ``start_at_layer`` still runs blocks ``0 .. l-1`` and discards them, so it saves nothing.)
+2. ``V`` patched variants of the ``n`` prompts go in one batch of ``V * n`` rows (variant-major);
+   a hook at layer ``l`` writes ``where(mask[v], donor, act)`` with a per-variant mask.
+3. Only the final position is unembedded: ``logits = unembed(ln_final(x[:, -1]))`` (with the
+   final logit soft-cap where the model has one).
+4. Variants are chunked to ``batch_size`` sequences per forward.
+5. Patches that leave positions ``< f`` unchanged (``f`` = first position where clean and
+   corrupted differ) recompute only positions ``f..``: the resumed blocks get the suffix of the
+   residual, the suffix of the recorded mask / rotary tables, and a :class:`PrefixKV` in place of
+   the HF cache that prepends the base run's keys and values of positions ``< f``. Where the
+   model's cache cannot give them (e.g. a sliding-window cache cut shorter than the prompt) all
+   positions are recomputed (still exact).
+
+Cost (in forwards of the ``n`` prompts through all ``L`` layers): ``sum_chunks V_chunk *
+(L - l) / L * (T - f) / T``. Exactness against full forwards: ``tests/test_patching.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from workbench.hooks import hook_name, hooked
+from workbench.methods.patching.components import Index, patch_mask
+
+if TYPE_CHECKING:
+    from workbench.models.loading import LoadedModel
+
+MetricFn = Callable[[Tensor], Tensor]
+
+
+def _drop_caches(obj: Any) -> Any:
+    """Replace HF KV-cache objects by None (the resumed blocks must not append to them)."""
+    from transformers.cache_utils import Cache
+
+    if isinstance(obj, Cache):
+        return None
+    if isinstance(obj, tuple):
+        return tuple(_drop_caches(x) for x in obj)
+    return obj
+
+
+def _is_cache(obj: Any) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(obj, Cache)
+
+
+class PrefixKV:
+    """Stands in for the HF cache in a resumed suffix-only run: ``update`` puts the base run's
+    keys and values of positions ``< start`` (tiled to the batch) before the suffix's own."""
+
+    def __init__(self, keys: dict[int, Tensor], values: dict[int, Tensor], reps: int) -> None:
+        self.keys, self.values, self.reps = keys, values, reps
+
+    def update(
+        self, k: Tensor, v: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        pk = self.keys[layer_idx].repeat(self.reps, 1, 1, 1)
+        pv = self.values[layer_idx].repeat(self.reps, 1, 1, 1)
+        return torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2)
+
+
+def _suffix(name: str, obj: Any, start: int, seq_len: int) -> Any:
+    """Slice a recorded block argument to query positions ``start..``."""
+    if isinstance(obj, tuple):
+        return tuple(_suffix(name, x, start, seq_len) for x in obj)
+    if not isinstance(obj, Tensor):
+        return obj
+    if name in ("position_ids", "cache_position"):
+        return obj[..., start:]
+    if obj.ndim == 4 and obj.shape[-2:] == (seq_len, seq_len):  # attention mask
+        return obj[..., start:, :]
+    if name == "position_embeddings":  # (cos, sin): [batch, pos, rot]
+        return obj[..., start:, :]
+    raise ValueError(f"no suffix rule for block argument {name!r} {tuple(obj.shape)}")
+
+
+def _tile(obj: Any, n: int, reps: int) -> Any:
+    """Repeat per-row tensors (leading dim ``n``) ``reps`` times, variant-major."""
+    if isinstance(obj, Tensor) and obj.ndim >= 1 and obj.shape[0] == n and reps > 1 and n > 1:
+        return obj.repeat(reps, *([1] * (obj.ndim - 1)))
+    if isinstance(obj, tuple):
+        return tuple(_tile(x, n, reps) for x in obj)
+    return obj
+
+
+class ResumableRun:
+    """One base run, cached so later runs can resume at any block with patched variants.
+
+    ``resid[l]`` is the base run's ``resid_pre`` at layer ``l``; ``acts[l]`` the base run's
+    activation of ``kind`` (if given); ``final_logits`` its final-position logits.
+    """
+
+    def __init__(
+        self, model: LoadedModel, tokens: Int[Tensor, "batch pos"], kinds: Sequence[str] = ()
+    ) -> None:
+        self.model = model
+        self.n = int(tokens.shape[0])
+        bridge = model.bridge
+        self.seq_len = int(tokens.shape[1])
+        self.block_args: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self.hf_cache: Any = None
+        names = [hook_name("resid_pre", layer) for layer in range(model.n_layers)]
+        names += [hook_name(k, layer) for k in kinds for layer in range(model.n_layers)]
+        names = list(dict.fromkeys(names))
+
+        def record(layer: int) -> Callable[..., None]:
+            def pre(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                found = [a for a in (*args, *kwargs.values()) if _is_cache(a)]
+                if found:
+                    self.hf_cache = found[0]
+                rest = tuple(_drop_caches(a) for a in args[1:])
+                kw = {k: _drop_caches(v) for k, v in kwargs.items() if k != "hidden_states"}
+                if "use_cache" in kw:
+                    kw["use_cache"] = False
+                self.block_args[layer] = (rest, kw)
+
+            return pre
+
+        handles = [
+            blk.register_forward_pre_hook(record(i), with_kwargs=True)
+            for i, blk in enumerate(bridge.blocks)
+        ]
+        try:
+            with torch.inference_mode():
+                logits, cache = bridge.run_with_cache(
+                    tokens, prepend_bos=False, names_filter=lambda n: n in names
+                )
+        finally:
+            for h in handles:
+                h.remove()
+        self.final_logits: Float[Tensor, "batch vocab"] = logits[:, -1].clone()
+        self.acts: dict[str, Tensor] = {n: cache[n].clone() for n in names}
+        cap = getattr(getattr(bridge, "_driver", None), "underlying_model", None)
+        self.softcap = getattr(getattr(cap, "config", None), "final_logit_softcapping", None)
+
+    def prefix_kv(self, start: int) -> tuple[dict[int, Tensor], dict[int, Tensor]] | None:
+        """Keys and values of positions ``< start`` per layer from the base run's HF cache, or
+        None where the suffix-only resume cannot be used (no cache, a truncated sliding-window
+        cache, a block argument without a slicing rule)."""
+        layers = getattr(self.hf_cache, "layers", None)
+        if start <= 0 or layers is None or len(layers) != self.model.n_layers:
+            return None
+        keys, values = {}, {}
+        for i, lay in enumerate(layers):
+            k, v = getattr(lay, "keys", None), getattr(lay, "values", None)
+            if not isinstance(k, Tensor) or not isinstance(v, Tensor):
+                return None
+            if k.ndim != 4 or k.shape[-2] != self.seq_len or v.shape[-2] != self.seq_len:
+                return None
+            keys[i], values[i] = k[:, :, :start].clone(), v[:, :, :start].clone()
+        try:
+            for rest, kw in self.block_args.values():
+                for a in rest:
+                    _suffix("arg", a, start, self.seq_len)
+                for name, a in kw.items():
+                    _suffix(name, a, start, self.seq_len)
+        except ValueError:
+            return None
+        return keys, values
+
+    def resid(self, layer: int) -> Tensor:
+        return self.acts[hook_name("resid_pre", layer)]
+
+    def act(self, kind: str, layer: int) -> Tensor:
+        return self.acts[hook_name(kind, layer)]
+
+    def unembed_last(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch vocab"]:
+        """Final norm and unembedding of the final position only."""
+        bridge = self.model.bridge
+        logits = bridge.unembed(bridge.ln_final(x[:, -1:]))[:, 0]
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits  # type: ignore[no-any-return]
+
+    def run_from(
+        self,
+        layer: int,
+        resid: Float[Tensor, "rows pos d_model"],
+        fwd_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
+        start: int = 0,
+        prefix: tuple[dict[int, Tensor], dict[int, Tensor]] | None = None,
+    ) -> Float[Tensor, "rows vocab"]:
+        """Blocks ``layer .. L-1`` on ``resid`` (``V * n`` rows), then final-position logits.
+
+        With ``start > 0`` and ``prefix`` (from :meth:`prefix_kv`), only positions ``start..``
+        are computed (``resid`` holds just those); attention reads the base run's keys and
+        values for the earlier positions, which no patch at or after ``start`` can change.
+        """
+        reps = int(resid.shape[0]) // self.n
+        x = resid
+        cache = None if prefix is None else PrefixKV(prefix[0], prefix[1], reps)
+        with torch.inference_mode(), hooked(self.model.bridge, fwd_hooks):
+            for i in range(layer, self.model.n_layers):
+                rest, kw = self.block_args[i]
+                if cache is not None:
+                    rest = tuple(_suffix("arg", a, start, self.seq_len) for a in rest)
+                    kw = {k: _suffix(k, v, start, self.seq_len) for k, v in kw.items()}
+                    rest, kw = _with_cache(self.model, rest, kw, cache)
+                rest = tuple(_tile(a, self.n, reps) for a in rest)
+                kw = {k: _tile(v, self.n, reps) for k, v in kw.items()}
+                out = self.model.bridge.blocks[i](x, *rest, **kw)
+                x = out[0] if isinstance(out, tuple) else out
+            return self.unembed_last(x)
+
+
+def _with_cache(
+    model: LoadedModel, rest: tuple[Any, ...], kw: dict[str, Any], cache: PrefixKV
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Put ``cache`` where the model passed its own HF cache (a keyword or GPT-2's 2nd arg)."""
+    for name in ("past_key_values", "past_key_value", "layer_past"):
+        if name in kw:
+            return rest, {**kw, name: cache}
+    if rest and rest[0] is None:
+        return (cache, *rest[1:]), kw
+    return rest, {**kw, "past_key_values": cache}
+
+
+def _chunks(items: Sequence[Index], size: int) -> list[Sequence[Index]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _suffix_donor(component: str, act: Tensor, start: int) -> Tensor:
+    return act[:, :, start:] if component == "pattern" else act[:, start:]
+
+
+def fast_sweep(
+    base: ResumableRun,
+    donor: ResumableRun,
+    component: str,
+    layer_indices: dict[int, list[Index]],
+    metric: MetricFn,
+    batch_size: int,
+    start: int = 0,
+) -> tuple[dict[tuple[int, Index], Tensor], float, int]:
+    """Per-prompt metric of every patch; returns the values, the cost in forward units and
+    the first recomputed position.
+
+    ``start``: every patch leaves positions ``< start`` unchanged (they are identical in both
+    runs, or not patched), so only positions ``start..`` are recomputed where the model's cache
+    allows (see :meth:`ResumableRun.prefix_kv`); otherwise all positions are.
+    """
+    n, n_layers, seq_len = base.n, base.model.n_layers, base.seq_len
+    prefix = base.prefix_kv(start) if 0 < start < seq_len else None
+    if prefix is None:
+        start = 0
+    per_chunk = max(1, batch_size // n)
+    out: dict[tuple[int, Index], Tensor] = {}
+    cost = 0.0
+    for layer, indices in layer_indices.items():
+        resid = base.resid(layer)[:, start:]
+        donor_act = _suffix_donor(component, donor.act(component, layer), start)
+        for chunk in _chunks(indices, per_chunk):
+            v = len(chunk)
+            local = [Index(ix.head, ix.pos - start if ix.pos >= 0 else -1) for ix in chunk]
+            mask = patch_mask(component, local, donor_act.shape)
+
+            def hook(
+                act: Tensor, hook: Any, mask: Tensor = mask, v: int = v, src: Tensor = donor_act
+            ) -> Tensor:
+                shaped = act.reshape(v, n, *act.shape[1:])
+                return torch.where(mask, src[None], shaped).reshape(act.shape)
+
+            rows = resid.repeat(v, *([1] * (resid.ndim - 1)))
+            hooks = [(hook_name(component, layer), hook)]
+            logits = base.run_from(layer, rows, hooks, start=start, prefix=prefix)
+            values = metric(logits).reshape(v, n)
+            for j, ix in enumerate(chunk):
+                out[(layer, ix)] = values[j]
+            cost += v * (n_layers - layer) / n_layers * (seq_len - start) / seq_len
+    return out, cost, start
