@@ -53,16 +53,16 @@ def _interpolated_ld(model, ps, name, index, eps, base, source):
         return _ld(model.bridge(base, prepend_bos=False), ps)
 
 
-def _derivative(model, ps, name, index, direction="denoise", eps=1e-2):
+def _derivative(model, ps, name, index, direction="denoising", eps=1e-2):
     """Central difference of the interpolated patch at eps = 0: the exact first-order term."""
-    base, source = (ps.corrupt, ps.clean) if direction == "denoise" else (ps.clean, ps.corrupt)
+    base, source = (ps.corrupt, ps.clean) if direction == "denoising" else (ps.clean, ps.corrupt)
     up = _interpolated_ld(model, ps, name, index, eps, base, source)
     down = _interpolated_ld(model, ps, name, index, -eps, base, source)
     return (up - down) / (2 * eps)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gemma3"])
-@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
 def test_estimates_equal_the_linearised_patch(load, name, direction):
     model = load(name)
     ps = _task("ioi", model.codec, {"n_prompts": 4})

@@ -58,13 +58,13 @@ def _logits_from_final_resid(model, resid):
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
 def test_logits_receiver_equals_direct_path(load, name, direction):
     model = load(name)
     ps = _task("ioi", model.codec, {"n_prompts": 4})
     params = PathPatchingParams(direction=direction, freeze_mlps=True)
     got = path_patching(model, ps, params).head_metrics["path_patching"].mean
-    base, source = (ps.corrupt, ps.clean) if direction == "denoise" else (ps.clean, ps.corrupt)
+    base, source = (ps.corrupt, ps.clean) if direction == "denoising" else (ps.clean, ps.corrupt)
     final = hook_name("resid_post", model.n_layers - 1)
     base_logits, cache = _run(model, base, capture=[final])
     expected = np.zeros((model.n_layers, model.n_heads))

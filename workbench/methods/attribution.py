@@ -88,7 +88,7 @@ def attribution_scores(
     correct: Int[Tensor, " batch"],
     incorrect: Int[Tensor, " batch"],
     metric: str = "logit_diff",
-    direction: str = "denoise",
+    direction: str = "denoising",
 ) -> dict[str, Tensor]:
     """Per-prompt attribution estimates (raw metric units; see module docstring).
 
@@ -96,9 +96,9 @@ def attribution_scores(
     ``mlp_out``: ``[batch, layer, pos]``, plus ``base_metric``/``source_metric``: ``[batch]``
     and ``clean_ld``/``corrupt_ld``: ``[batch]`` (logit differences of both runs).
     """
-    source_tokens, base_tokens = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
+    source_tokens, base_tokens = (clean, corrupt) if direction == "denoising" else (corrupt, clean)
     source, source_logits = _cache(model, source_tokens)
-    clean_logits = source_logits if direction == "denoise" else None
+    clean_logits = source_logits if direction == "denoising" else None
 
     deltas: dict[str, Tensor] = {}
     base: dict[str, Tensor] = {}
@@ -115,7 +115,7 @@ def attribution_scores(
     names = _names(model.n_layers)
     with torch.enable_grad(), hooked(model.bridge, [(n, add_delta(n)) for _, _, n in names]):
         logits = model.bridge(base_tokens, prepend_bos=False)[:, -1]
-        if direction == "noise" and metric == "kl":
+        if direction == "noising" and metric == "kl":
             clean_logits = logits.detach()
         values = _metric(metric, logits, correct, incorrect, clean_logits)
         grads = torch.autograd.grad(values.sum(), [deltas[n] for _, _, n in names])
@@ -133,7 +133,7 @@ def attribution_scores(
         M.logit_diff(source_logits, correct, incorrect),
         M.logit_diff(base_logits, correct, incorrect),
     )
-    result["clean_ld"], result["corrupt_ld"] = lds if direction == "denoise" else lds[::-1]
+    result["clean_ld"], result["corrupt_ld"] = lds if direction == "denoising" else lds[::-1]
     return result
 
 

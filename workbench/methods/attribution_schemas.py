@@ -10,7 +10,7 @@ from workbench.errors import WorkbenchError
 
 ATTRIBUTION_METRICS = ("logit_diff", "norm_logit_diff", "prob", "loss", "kl")
 PATH_METRICS = ("logit_diff", "norm_logit_diff")
-DIRECTIONS = ("denoise", "noise")
+DIRECTIONS = ("denoising", "noising")
 QKV = ("q", "k", "v")
 
 
@@ -25,11 +25,11 @@ class AttributionParams:
             "help": "logit_diff, norm_logit_diff, prob, loss or kl (read at the last position)"
         },
     )
-    direction: Literal["denoise", "noise"] = field(
-        default="denoise",
+    direction: Literal["denoising", "noising"] = field(
+        default="denoising",
         metadata={
-            "help": "denoise: gradient on the corrupted run times (clean - corrupt); "
-            "noise: gradient on the clean run times (corrupt - clean)"
+            "help": "denoising: gradient on the corrupted run times (clean - corrupt); "
+            "noising: gradient on the clean run times (corrupt - clean)"
         },
     )
     batch_size: int = field(default=16, metadata={"help": "prompts per forward/backward pass"})
@@ -43,7 +43,7 @@ class AttributionParams:
         if self.direction not in DIRECTIONS:
             raise WorkbenchError(
                 f"attribution_patching: unknown direction '{self.direction}'",
-                "choose denoise or noise",
+                "choose denoising or noising",
             )
         if self.batch_size < 1:
             raise WorkbenchError(
@@ -74,10 +74,10 @@ class PathPatchingParams:
         default="logit_diff",
         metadata={"help": "logit_diff (change from the base run) or norm_logit_diff"},
     )
-    direction: Literal["denoise", "noise"] = field(
-        default="denoise",
+    direction: Literal["denoising", "noising"] = field(
+        default="denoising",
         metadata={
-            "help": "denoise: clean sender into the corrupted run; noise: corrupted sender "
+            "help": "denoising: clean sender into the corrupted run; noising: corrupted sender "
             "into the clean run"
         },
     )
@@ -94,7 +94,7 @@ class PathPatchingParams:
             )
         if self.direction not in DIRECTIONS:
             raise WorkbenchError(
-                f"{where}: unknown direction '{self.direction}'", "choose denoise or noise"
+                f"{where}: unknown direction '{self.direction}'", "choose denoising or noising"
             )
         if isinstance(self.receivers, str):
             if self.receivers != "logits":

@@ -2,9 +2,9 @@
 
 A sender head's effect through chosen receivers only. Direction convention:
 
-- ``denoise`` (default): the *base* run is the corrupted prompt, the *source* the clean one;
+- ``denoising`` (default): the *base* run is the corrupted prompt, the *source* the clean one;
   the sender's clean output is patched into the corrupted run.
-- ``noise``: base = clean, source = corrupted; the sender's corrupted output goes into the clean
+- ``noising``: base = clean, source = corrupted; the sender's corrupted output goes into the clean
   run.
 
 For one sender head ``s = (l_s, h_s)`` and receivers ``R``, the standard three-step algorithm:
@@ -202,7 +202,7 @@ def path_patching(
     corrupt, corrupt_logits = run_caches(model, prompts.corrupt)
     ld_clean = M.logit_diff(clean_logits, prompts.correct, prompts.incorrect)
     ld_corrupt = M.logit_diff(corrupt_logits, prompts.correct, prompts.incorrect)
-    denoise = params.direction == "denoise"
+    denoise = params.direction == "denoising"
     source, base = (clean, corrupt) if denoise else (corrupt, clean)
     base_tokens, ld_base = (prompts.corrupt, ld_corrupt) if denoise else (prompts.clean, ld_clean)
     c_mean, k_mean = float(ld_clean.mean()), float(ld_corrupt.mean())
