@@ -199,6 +199,16 @@ class NeedleSet:
         return f"NeedleSet(task={self.task!r}, n={self.n}, prepend_bos={self.prepend_bos})"
 
 
+def mean_stderr(samples: Any) -> tuple[Any, Any]:
+    """Mean and standard error over axis 0 (the samples): ``std(ddof=1) / sqrt(n)``, 0 if n = 1."""
+    import numpy as np
+
+    x = np.asarray(samples, dtype=np.float64)
+    n = x.shape[0]
+    se = x.std(axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(x.shape[1:])
+    return x.mean(axis=0), se
+
+
 @dataclass(eq=False)
 class HeadMetric:
     """One per-head metric: ``mean`` and optional ``stderr`` as ``[n_layers, n_heads]`` arrays

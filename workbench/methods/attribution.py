@@ -41,7 +41,7 @@ from torch import Tensor
 from workbench import metrics as M
 from workbench.hooks import hook_name, hooked
 from workbench.methods.attribution_schemas import AttributionParams
-from workbench.types import AnalysisOutput, HeadMetric, PromptSet
+from workbench.types import AnalysisOutput, HeadMetric, PromptSet, mean_stderr
 
 if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
@@ -137,15 +137,9 @@ def attribution_scores(
     return result
 
 
-def _mean_se(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = x.shape[0]
-    se = x.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros_like(x[0])
-    return x.mean(0), se
-
-
 def _long(arr: np.ndarray, dims: tuple[str, ...], **const: Any) -> list[dict[str, Any]]:
     """Per-prompt array ``[n, *dims]`` to long-form rows with mean, stderr and n."""
-    mean, se = _mean_se(arr)
+    mean, se = mean_stderr(arr)
     rows = []
     for idx in np.ndindex(*mean.shape):
         row = dict(const)
@@ -184,7 +178,7 @@ def attribution_patching(
         # d/dLD of (LD - LD_corrupt) / (LD_clean - LD_corrupt); raises when undefined
         scale = float(M.normalise(torch.tensor(corrupt_ld + 1.0), clean_ld, corrupt_ld))
     z = res["z"] * scale  # [n, layer, pos, head]
-    mean, se = _mean_se(z.sum(2))
+    mean, se = mean_stderr(z.sum(2))
     metric_name = params.metric
     grid = []
     layers = []

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.hooks import hook_name, hooked
 from workbench.methods.schemas import HeadDetectorParams
-from workbench.types import AnalysisOutput, HeadMetric, PromptSet
+from workbench.types import AnalysisOutput, HeadMetric, PromptSet, mean_stderr
 
 if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
@@ -114,9 +113,8 @@ def head_detectors(
     n = int(tokens.shape[0])
     metrics = {}
     for d, s in per_seq.items():
-        arr = s.numpy().astype(np.float64)
-        stderr = arr.std(axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(arr.shape[1:])
-        metrics[d] = HeadMetric(arr.mean(axis=0), stderr, n)
+        mean, stderr = mean_stderr(s.numpy())
+        metrics[d] = HeadMetric(mean, stderr, n)
     return AnalysisOutput(
         head_metrics=metrics,
         info={

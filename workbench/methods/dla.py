@@ -54,7 +54,7 @@ from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name, hooked
 from workbench.methods.dla_schemas import DLAParams, LogitLensParams
 from workbench.metrics import answer_prob, logit_diff
-from workbench.types import AnalysisOutput, HeadMetric, PromptSet
+from workbench.types import AnalysisOutput, HeadMetric, PromptSet, mean_stderr
 
 if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
@@ -232,12 +232,6 @@ def attribute(
     return out
 
 
-def _mean_se(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = v.shape[0]
-    se = v.std(axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(v.shape[1:])
-    return v.mean(axis=0), se
-
-
 def _batches(prompts: PromptSet, size: int) -> Any:
     for start in range(0, prompts.n, size):
         stop = start + size
@@ -264,7 +258,7 @@ def direct_logit_attribution(
     rows: list[dict[str, Any]] = []
 
     def add(component: str, layer: Any, head: Any, values: np.ndarray) -> None:
-        m, se = _mean_se(values)
+        m, se = mean_stderr(values)
         rows.append(dict(component=component, layer=layer, head=head, value=float(m)))
         rows[-1].update(stderr=float(se), n=n)
 
@@ -278,7 +272,7 @@ def direct_logit_attribution(
     table = pd.DataFrame(rows)
     table["layer"] = table["layer"].astype("Int64")
     table["head"] = table["head"].astype("Int64")
-    head_mean, head_se = _mean_se(arr["heads"])
+    head_mean, head_se = mean_stderr(arr["heads"])
     err = np.abs(arr["total"] - arr["target"])
     return AnalysisOutput(
         head_metrics={"dla": HeadMetric(head_mean, head_se, n)},
@@ -337,7 +331,7 @@ def logit_lens(model: LoadedModel, prompts: PromptSet, params: LogitLensParams) 
     n = prompts.n
     rows = []
     for k, v in vals.items():
-        m, se = _mean_se(torch.cat(v).double().numpy())
+        m, se = mean_stderr(torch.cat(v).double().numpy())
         for layer in range(model.n_layers):
             rows.append(
                 dict(layer=layer, metric=k, value=float(m[layer]), stderr=float(se[layer]), n=n)

@@ -33,7 +33,7 @@ from workbench.methods.patching.components import KV_COMPONENTS, layer_indices, 
 from workbench.methods.patching.exact import ResumableRun, fast_sweep
 from workbench.methods.patching.reference import reference_sweep
 from workbench.methods.patching.schemas import ActivationPatchingParams
-from workbench.types import AnalysisOutput, HeadMetric, PromptSet
+from workbench.types import AnalysisOutput, HeadMetric, PromptSet, mean_stderr
 
 if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
@@ -78,10 +78,8 @@ def _check_inputs(model: LoadedModel, prompts: PromptSet, params: ActivationPatc
 
 
 def _stats(values: Tensor) -> tuple[float, float, int]:
-    a = values.double().cpu().numpy()
-    n = int(a.shape[0])
-    stderr = float(a.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
-    return float(a.mean()), stderr, n
+    mean, stderr = mean_stderr(values.double().cpu().numpy())
+    return float(mean), float(stderr), int(values.shape[0])
 
 
 def activation_patching(
