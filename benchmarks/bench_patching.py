@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n-prompts", type=int, default=8)
     ap.add_argument("--tl-layers", type=int, default=0, help="0: full TL sweep")
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
     args = ap.parse_args()
 
     torch.set_grad_enabled(False)
@@ -90,7 +90,10 @@ def main() -> None:
         tl_full = tl_time * n_idx_full / n_idx_run
 
         params = ActivationPatchingParams(
-            component=comp, metric="logit_diff", direction="denoising", batch_size=args.batch_size
+            component=comp,
+            metric="logit_diff",
+            direction="denoising",
+            batch_tokens=args.batch_tokens,
         )
         t = time.perf_counter()
         out = activation_patching(model, ps, params)

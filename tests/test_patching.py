@@ -62,7 +62,7 @@ def test_fast_equals_reference(load, name, component):
             kw = dict(component=component, direction=direction, per_position=per_position)
             ref_positions = "all" if direction == "denoising" else "from_first_diff"
             fast = _grid(
-                activation_patching(model, ps, ActivationPatchingParams(**kw, batch_size=8))
+                activation_patching(model, ps, ActivationPatchingParams(**kw, batch_tokens=40))
             )
             ref = _grid(
                 activation_patching(
@@ -124,7 +124,13 @@ def test_equals_transformer_lens(load, name):
             "z": patching.get_act_patch_attn_head_out_all_pos(
                 model.bridge, ps.corrupt, cache, metric
             ),
+            "q": patching.get_act_patch_attn_head_q_all_pos(
+                model.bridge, ps.corrupt, cache, metric
+            ),
             "k": patching.get_act_patch_attn_head_k_all_pos(
+                model.bridge, ps.corrupt, cache, metric
+            ),
+            "v": patching.get_act_patch_attn_head_v_all_pos(
                 model.bridge, ps.corrupt, cache, metric
             ),
             "pattern": patching.get_act_patch_attn_head_pattern_all_pos(
@@ -137,11 +143,12 @@ def test_equals_transformer_lens(load, name):
                 model.bridge, ps.corrupt, cache, metric
             ),
         }
-    for comp in ("z", "k", "pattern"):
+    for comp in ("z", "q", "k", "v", "pattern"):
         out, _ = _ours(model, ps, comp)
         got = torch.tensor(out.head_metrics["logit_diff"].mean, dtype=torch.float32)
         torch.testing.assert_close(got, tl[comp].float(), atol=1e-5, rtol=0)
-    assert tl["k"].shape == (L, model.n_kv_heads)  # GQA: per KV head, as ours
+    assert tl["k"].shape == tl["v"].shape == (L, model.n_kv_heads)  # GQA: per KV head, as ours
+    assert tl["q"].shape == (L, model.n_heads)
     for comp in ("resid_pre", "attn_out", "mlp_out"):
         _, grid = _ours(model, ps, comp, per_position=True)
         got = torch.tensor(grid.value.values, dtype=torch.float32).reshape(L, T)
@@ -220,7 +227,7 @@ def test_bad_input(load, monkeypatch):
         (bad_ids, p, "outside the vocabulary"),
         (ps, ActivationPatchingParams(layers=(model.n_layers,)), "out of range"),
         (ps, ActivationPatchingParams(component="nope"), "unknown component"),  # type: ignore[arg-type]
-        (ps, ActivationPatchingParams(batch_size=0), "batch_size"),
+        (ps, ActivationPatchingParams(batch_tokens=0), "batch_tokens"),
     ]
     for prompts, params, msg in cases:
         with pytest.raises(WorkbenchError, match=msg) as err:
@@ -267,15 +274,27 @@ def test_smollm2_ioi_equals_transformer_lens(smollm2):
     out, _ = _ours(smollm2, ps, "z", layers=layers)
     got = torch.tensor(out.head_metrics["logit_diff"].mean[list(layers)], dtype=torch.float32)
     torch.testing.assert_close(got.reshape(-1), tl.float(), atol=1e-4, rtol=0)
+    kv_df = patching.make_df_from_ranges([1, smollm2.n_kv_heads], ["layer", "head"])
+    kv_df = pd.concat([kv_df.assign(layer=layer) for layer in layers])
+    for comp, fn in (
+        ("k", patching.get_act_patch_attn_head_k_all_pos),
+        ("v", patching.get_act_patch_attn_head_v_all_pos),
+    ):  # GQA: 3 KV heads, each shared by 3 query heads
+        tl = _tl_subset(smollm2, ps, fn, kv_df)
+        out, _ = _ours(smollm2, ps, comp, layers=layers)
+        got = torch.tensor(out.head_metrics["logit_diff"].mean[list(layers)], dtype=torch.float32)
+        assert got.shape == (len(layers), 3)
+        torch.testing.assert_close(got.reshape(-1), tl.float(), atol=1e-4, rtol=0)
+    pos_layers = (0, 29)
     pos_df = patching.make_df_from_ranges([1, T], ["layer", "pos"])
-    pos_df = pd.concat([pos_df.assign(layer=layer) for layer in layers])
+    pos_df = pd.concat([pos_df.assign(layer=layer) for layer in pos_layers])
     for comp, fn in (
         ("resid_pre", patching.get_act_patch_resid_pre),
         ("attn_out", patching.get_act_patch_attn_out),
         ("mlp_out", patching.get_act_patch_mlp_out),
     ):
         tl = _tl_subset(smollm2, ps, fn, pos_df)
-        _, grid = _ours(smollm2, ps, comp, per_position=True, layers=layers)
+        _, grid = _ours(smollm2, ps, comp, per_position=True, layers=pos_layers)
         got = torch.tensor(grid.value.values, dtype=torch.float32)
         torch.testing.assert_close(got, tl.float(), atol=1e-4, rtol=0)
 
@@ -297,3 +316,30 @@ def test_gemma3_equals_transformer_lens(gemma3):
         full = gemma3.bridge(ps.corrupt, prepend_bos=False)[:, -1]
     for layer in layers:
         torch.testing.assert_close(run.run_from(layer, run.resid(layer)), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.models
+def test_gemma3_sliding_window_equals_transformer_lens(gemma3):
+    """A prompt longer than Gemma 3's sliding window (local layers see only the last ``w`` keys):
+    z at a local layer (0), v (one KV head) at a local and a global layer (0, 5) equal TL's."""
+    hf_cfg = gemma3.bridge._driver.underlying_model.config
+    window, types = int(hf_cfg.sliding_window), list(hf_cfg.layer_types)
+    assert types[0] == "sliding_attention" and types[5] == "full_attention"
+    seq_len = window + 24
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randint(1000, 20000, (1, seq_len), generator=g)
+    clean[:, 0] = gemma3.tokenizer.bos_token_id
+    corrupt = clean.clone()
+    corrupt[:, seq_len - 12] = torch.randint(1000, 20000, (1,), generator=g)
+    ps = PromptSet("long", clean, corrupt, torch.tensor([5000]), torch.tensor([7000]))
+    for comp, fn, n_h, layers in (
+        ("z", patching.get_act_patch_attn_head_out_all_pos, gemma3.n_heads, (0,)),
+        ("v", patching.get_act_patch_attn_head_v_all_pos, gemma3.n_kv_heads, (0, 5)),
+    ):
+        df = patching.make_df_from_ranges([1, n_h], ["layer", "head"])
+        df = pd.concat([df.assign(layer=layer) for layer in layers])
+        tl = _tl_subset(gemma3, ps, fn, df)
+        out, _ = _ours(gemma3, ps, comp, layers=layers)
+        got = torch.tensor(out.head_metrics["logit_diff"].mean[list(layers)], dtype=torch.float32)
+        torch.testing.assert_close(got.reshape(-1), tl.float(), atol=1e-4, rtol=0)
+        assert float(tl.abs().max()) > 1e-3  # the patches do something

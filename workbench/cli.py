@@ -175,42 +175,41 @@ def _writable(path: Path) -> None:
 
 @app.command()
 def export(
-    run_ids: Annotated[list[str], typer.Argument(help="one or more run ids (prefixes)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="output file")],
+    run_ids: Annotated[
+        list[str] | None, typer.Argument(help="one or more run ids (prefixes)")
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="csv, parquet or json")] = "csv",
     table: Annotated[
         str, typer.Option(help="which table (heads, or another stored table)")
     ] = "heads",
+    atlas: Annotated[
+        str | None,
+        typer.Option(help="export the head atlas of this model (one row per head) instead"),
+    ] = None,
 ) -> None:
-    """Export runs' tables as one tidy CSV / Parquet / JSON file."""
-    import pandas as pd
-
+    """Export runs' tables as one tidy CSV / Parquet / JSON file, or a model's head atlas."""
+    from workbench import export as E
     from workbench.store import ResultStore
 
-    if fmt not in ("csv", "parquet", "json"):
-        raise WorkbenchError(f"unknown format '{fmt}'", "use --format csv, parquet or json")
+    E.check_format(fmt)
+    if (atlas is None) == (not run_ids):
+        raise WorkbenchError(
+            "export needs either run ids or --atlas MODEL (not both)",
+            "e.g. workbench export RUN_ID -o heads.csv, or workbench export --atlas MODEL -o a.csv",
+        )
     _writable(output)
-    store = ResultStore()
-    frames = []
-    for rid in run_ids:
-        stored = store.get(store.resolve(rid))
-        if stored is None:
-            raise WorkbenchError(f"run {rid} is damaged or gone", "run its spec again")
-        if table not in stored.tables:
-            raise WorkbenchError(
-                f"run {rid} has no table '{table}'", f"tables: {', '.join(stored.tables)}"
-            )
-        frames.append(stored.tables[table])
-    df = pd.concat(frames, ignore_index=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    if fmt == "csv":
-        df.to_csv(tmp, index=False)
-    elif fmt == "parquet":
-        df.to_parquet(tmp, index=False)
-    else:
-        df.to_json(tmp, orient="records", indent=1)
-    tmp.replace(output)
-    typer.echo(f"wrote {len(df)} rows from {len(frames)} run(s) to {output}")
+    if atlas is not None:
+        from workbench.atlas import build_atlas
+
+        wide = build_atlas(atlas).table
+        E.write(wide, output, fmt)
+        typer.echo(f"wrote the atlas of {atlas}: {len(wide)} heads x {wide.shape[1]} columns")
+        return
+    assert run_ids is not None
+    df = E.gather(ResultStore(), run_ids, table)
+    E.write(df, output, fmt)
+    typer.echo(f"wrote {len(df)} rows from {len(run_ids)} run(s) to {output}")
 
 
 @app.command()
@@ -228,6 +227,104 @@ def compare(
     out = compare_runs(ResultStore(), run_a, run_b, metric_a=metric_a, metric_b=metric_b, k=k)
     for key, value in out.items():
         typer.echo(f"{key:>14}: {value:.4f}" if isinstance(value, float) else f"{key:>14}: {value}")
+
+
+@app.command("atlas")
+def atlas_cmd(
+    model: Annotated[str, typer.Argument(help="model name (as stored)")],
+    column: Annotated[
+        str | None, typer.Option(help="one score column: its top heads (and --html figure)")
+    ] = None,
+    top: Annotated[int, typer.Option(help="heads per column")] = 5,
+    html: Annotated[Path | None, typer.Option(help="write the layer x head figure as HTML")] = None,
+) -> None:
+    """The head atlas: every head's latest stored score per analysis/metric, with roles."""
+    from workbench.atlas import build_atlas
+
+    a = build_atlas(model)
+    if column is None:
+        typer.echo(a.summary(k=top))
+        if len(a.role_table):
+            typer.echo("roles (rules in workbench/atlas.py ROLE_RULES):")
+            for label, n in a.role_table["label"].value_counts(sort=False).items():
+                heads = a.role_table[a.role_table["label"] == label]
+                pairs = zip(heads["layer"], heads["head"], strict=True)
+                names = ", ".join(f"L{x}H{y}" for x, y in pairs)
+                typer.echo(f"  {label}: {n} head(s): {names}")
+    else:
+        _echo_table(a.top(column, top))
+    if html is not None:
+        _writable(html)
+        a.figure(column).write_html(str(html), include_plotlyjs="cdn")
+        typer.echo(f"wrote {html}")
+
+
+@app.command("circuit")
+def circuit_cmd(
+    run_id: Annotated[str, typer.Argument(help="a stored per-head run (a unique prefix)")],
+    rule: Annotated[str, typer.Option(help="top_k, threshold or top_share")] = "top_k",
+    k: Annotated[int | None, typer.Option(help="heads for top_k")] = None,
+    share: Annotated[float | None, typer.Option(help="share of heads for top_share")] = None,
+    threshold: Annotated[float | None, typer.Option(help="score threshold")] = None,
+    metric: Annotated[str | None, typer.Option(help="metric of the run")] = None,
+    absolute: Annotated[bool, typer.Option(help="rank heads by |score|")] = False,
+    save: Annotated[bool, typer.Option(help="store the circuit (prints its run id)")] = False,
+) -> None:
+    """Derive a circuit from a stored per-head score by a rule, print it (and store it)."""
+    from workbench.circuits import derive_circuit, run_scores, save_circuit
+    from workbench.store import ResultStore
+
+    store = ResultStore()
+    c = derive_circuit(
+        store, run_id, rule, metric=metric, k=k, share=share, threshold=threshold,
+        absolute=absolute,
+    )  # fmt: skip
+    scores, _ = run_scores(store, run_id, metric)
+    typer.echo(str(c))
+    for h in sorted(c.heads, key=lambda h: -abs(scores[h.layer, h.head])):
+        typer.echo(f"  {h}  {scores[h.layer, h.head]: .4f}  {c.role_map.get(h, '')}")
+    if save:
+        typer.echo(f"stored as run {save_circuit(store, c, scores)}")
+
+
+@app.command("overlap")
+def overlap_cmd(
+    spec: Annotated[Path, typer.Argument(help="a spec with an [overlap] table")],
+    html: Annotated[
+        Path | None, typer.Option(help="write the overlap matrix (Jaccard) figure as HTML")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Run a spec, derive its circuits by one rule, print their overlap (Merullo et al. 2023)."""
+    import pandas as pd
+
+    from workbench.overlap_spec import TABLE_COLUMNS, load_step, run_overlap_step
+    from workbench.spec import load_spec, run_spec
+    from workbench.store import ResultStore
+
+    loaded = load_spec(spec)
+    step = load_step(spec)
+    store = ResultStore()
+    outcomes = run_spec(loaded, store=store, progress=progress)
+    report = run_overlap_step(loaded, step, outcomes, store)
+    for model, circuits in report.circuits.items():
+        typer.echo(f"{model}: circuits ({step.rule}, absolute={step.absolute})")
+        for name, c in circuits.items():
+            heads = ", ".join(str(h) for h in sorted(c.heads))
+            run = report.circuit_runs[model][name]
+            typer.echo(f"  {name} [{len(c.heads)} heads, source run {c.derivation.source_run}, "
+                       f"stored as {run}]: {heads}")  # fmt: skip
+        table = report.results[model].table[list(TABLE_COLUMNS)].round(4)
+        for p in ("p_hypergeometric", "p_permutation"):
+            table[p] = [f"{v:.3g}" for v in report.results[model].table[p]]
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            typer.echo(table.to_string(index=False))
+    if html is not None:
+        _writable(html)
+        next(iter(report.results.values())).figure("jaccard").write_html(
+            str(html), include_plotlyjs="cdn"
+        )
+        typer.echo(f"wrote {html}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,10 @@ from workbench.errors import WorkbenchError
 from workbench.methods.attribution_schemas import AttributionParams, PathPatchingParams
 from workbench.methods.dla_schemas import DLAParams, LogitLensParams
 from workbench.methods.patching.schemas import ActivationPatchingParams
+from workbench.methods.retrieval.schemas import RetrievalParams
 from workbench.methods.schemas import HeadDetectorParams
+from workbench.methods.validation_schemas import ValidationParams
+from workbench.methods.sinks_schemas import SinkParams
 
 
 @dataclass(frozen=True)
@@ -134,5 +137,44 @@ register(
         function="activation_patching",
         default_task="ioi",
         reference="Wang et al. 2022; Heimersheim & Nanda 2024; TransformerLens patching",
+    )
+)
+register(
+    Analysis(
+        name="attention_sinks",
+        description="Sink_k (share of heads with importance alpha_k > epsilon) per position, "
+        "per-head sink share, hidden sinks, value drains, residual peaks, dormant heads per domain",
+        params_cls=SinkParams,
+        module="workbench.methods.sinks",
+        function="attention_sinks",
+        default_task="texts",
+        reference="Gu et al. 2024; Guo et al. 2024 (active-dormant); Yu et al. 2024 (hidden sinks)",
+    )
+)
+register(
+    Analysis(
+        name="retrieval_heads",
+        description="retrieval score per query head on needle-in-a-haystack samples: copy hits "
+        "of the argmax key while decoding (faithful) or teacher-forced (fast)",
+        params_cls=RetrievalParams,
+        module="workbench.methods.retrieval.analysis",
+        function="retrieval_heads",
+        default_task="needle",
+        task_kind="needle",
+        reference="Wu et al. 2024 (Retrieval Head Mechanistically Explains Long-Context "
+        "Factuality)",
+    )
+)
+register(
+    Analysis(
+        name="causal_validation",
+        description="task metric with the top-k heads of a stored per-head score ablated, "
+        "against random k-head sets (needle recall, or logit difference for prompt tasks)",
+        params_cls=ValidationParams,
+        module="workbench.methods.validation",
+        function="causal_validation",
+        default_task="needle",
+        task_kind="any",
+        reference="Wu et al. 2024 (masking retrieval heads); Wang et al. 2022 (ablation)",
     )
 )

@@ -26,7 +26,7 @@ from typing import Any
 from workbench.errors import WorkbenchError
 from workbench.run import RunRequest, parse_bos
 
-_TOP_KEYS = {"title", "description", "defaults", "analysis"}
+_TOP_KEYS = {"title", "description", "defaults", "analysis", "overlap"}  # overlap: overlap_spec
 _DEFAULT_KEYS = {"models", "prepend_bos"}
 _ANALYSIS_KEYS = {"name", "models", "tasks", "params", "prepend_bos"}
 

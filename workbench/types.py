@@ -228,3 +228,116 @@ class AnalysisOutput:
     head_metrics: dict[str, HeadMetric] = field(default_factory=dict)
     tables: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, order=True)
+class MLP:
+    """The MLP of one layer, ``MLP(layer)``: a circuit component besides heads."""
+
+    layer: int
+
+    def __str__(self) -> str:
+        return f"MLP{self.layer}"
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A directed edge ``sender -> receiver`` between two components (e.g. a path-patching path;
+    ``via`` names the receiver input: ``"q"``, ``"k"``, ``"v"`` or ``""``)."""
+
+    sender: Head | MLP
+    receiver: Head | MLP
+    via: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.sender}->{self.receiver}{'.' + self.via if self.via else ''}"
+
+
+Component = Head | MLP | Edge
+
+
+def component_sort_key(c: Component) -> tuple[Any, ...]:
+    """A total order over mixed components: heads, then MLPs, then edges."""
+    if isinstance(c, Head):
+        return (0, c.layer, c.head)
+    if isinstance(c, MLP):
+        return (1, c.layer, 0)
+    return (2, component_sort_key(c.sender), component_sort_key(c.receiver), c.via)
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """How a circuit was obtained: the source run (and its analysis, metric, task), the rule
+    (``top_k``, ``threshold``, ``top_share``, ``minimal_faithful``, ``union``, ``manual``) and the
+    rule's parameters as canonical JSON (so the derivation stays hashable)."""
+
+    rule: str
+    params_json: str = "{}"
+    source_run: str = ""
+    analysis: str = ""
+    metric: str = ""
+    task: str = ""
+
+    @property
+    def params(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.params_json)
+        return out
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """A circuit: a frozen set of components of one model, with roles and its derivation.
+
+    Hashable, so circuits are set elements and overlap is set arithmetic. ``roles`` is a sorted
+    tuple of ``(component, role)`` pairs (build circuits with :meth:`of` to pass a dict);
+    ``grid`` is the model's ``(n_layers, n_heads)``; ``faithfulness`` is the measured
+    ``(M(circuit only) - M(all ablated)) / (M(full) - M(all ablated))`` or None if not measured.
+    """
+
+    model: str
+    components: frozenset[Component]
+    derivation: Derivation
+    grid: tuple[int, int]
+    roles: tuple[tuple[Component, str], ...] = ()
+    faithfulness: float | None = None
+
+    @classmethod
+    def of(
+        cls,
+        model: str,
+        components: Sequence[Component] | frozenset[Component] | set[Component],
+        derivation: Derivation,
+        grid: tuple[int, int],
+        roles: Mapping[Component, str] | None = None,
+        faithfulness: float | None = None,
+    ) -> Circuit:
+        pairs = sorted((roles or {}).items(), key=lambda kv: component_sort_key(kv[0]))
+        return cls(
+            model, frozenset(components), derivation, (int(grid[0]), int(grid[1])),
+            tuple(pairs), faithfulness,
+        )  # fmt: skip
+
+    @property
+    def heads(self) -> frozenset[Head]:
+        return frozenset(c for c in self.components if isinstance(c, Head))
+
+    @property
+    def role_map(self) -> dict[Component, str]:
+        return dict(self.roles)
+
+    @property
+    def n_total_heads(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def sorted_components(self) -> list[Component]:
+        return sorted(self.components, key=component_sort_key)
+
+    def __len__(self) -> int:
+        return len(self.components)
+
+    def __str__(self) -> str:
+        shown = ", ".join(str(c) for c in self.sorted_components()[:12])
+        more = f", ... (+{len(self) - 12})" if len(self) > 12 else ""
+        faith = "" if self.faithfulness is None else f", faithfulness {self.faithfulness:.3f}"
+        rule = self.derivation.rule
+        return f"Circuit({self.model}, {len(self)} components: {shown}{more}; {rule}{faith})"

@@ -10,6 +10,7 @@ prompts respect its BOS policy and single-token constraints. Built-in tasks:
 - ``colored_objects``: BIG-bench colored objects (Merullo et al. 2023)
 - ``needle``: needle in a haystack for retrieval heads (Wu et al. 2024), a :class:`NeedleSet`
 - ``custom``: the user's own pairs from a JSONL or CSV file
+- ``texts``: prose, code and repeated-token samples of T tokens (attention sinks)
 
 :func:`recipe_hash` identifies a built task without building it (task, version, canonical
 parameters and the bytes of every file it reads), so stored results can be found without
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench import params as P
 from workbench.errors import WorkbenchError
-from workbench.tasks import colored_objects, custom, factual, induction, ioi, needle
+from workbench.tasks import colored_objects, custom, factual, induction, ioi, needle, texts
 from workbench.tasks._common import TaskSpec, data_dir, expand_files, words_of
 from workbench.types import canonical_json, sha256_hex
 
@@ -52,6 +53,7 @@ TASKS: dict[str, TaskSpec] = {
         colored_objects.SPEC,
         needle.SPEC,
         custom.SPEC,
+        texts.SPEC,
     )
 }
 

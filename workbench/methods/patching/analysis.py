@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from workbench import metrics as M
@@ -115,6 +116,20 @@ def activation_patching(
         )
 
     clean_vals, corrupt_vals = metric(clean_logits), metric(corrupt_run.final_logits)
+    # Logit differences read two columns per prompt: unembed only the answer columns.
+    cols, col_metric = None, metric
+    if metric_name in ("logit_diff", "norm_logit_diff"):
+        cols, inverse = torch.unique(
+            torch.cat([prompts.correct, prompts.incorrect]), return_inverse=True
+        )
+        col_correct, col_incorrect = inverse[:n], inverse[n:]
+
+        def col_metric(logits: Tensor) -> Tensor:
+            reps = int(logits.shape[0]) // n
+            return M.per_prompt(
+                "logit_diff", logits, col_correct.repeat(reps), col_incorrect.repeat(reps)
+            )
+
     base_vals = corrupt_vals if denoise else clean_vals
 
     first = first_diff_position(clean, corrupt)
@@ -132,7 +147,7 @@ def activation_patching(
     else:
         start = first if (skip_prefix or not per_pos) else 0
         results, sweep_cost, start = fast_sweep(
-            base, donor, comp, todo, metric, params.batch_size, start=start
+            base, donor, comp, todo, col_metric, params.batch_tokens, start=start, columns=cols
         )
         cost = sweep_cost + 2.0
     computed_keys = set(results)

@@ -8,11 +8,16 @@ For a patch at layer ``l`` of the base run (corrupted for denoising, clean for n
    ids, recorded per block by a pre-forward hook), so GQA, Gemma's sliding-window layers and
    their local/global rotary embeddings are reproduced exactly. (The bridge's own
    ``start_at_layer`` still runs blocks ``0 .. l-1`` and discards them, so it saves nothing.)
-2. ``V`` patched variants of the ``n`` prompts go in one batch of ``V * n`` rows (variant-major);
-   a hook at layer ``l`` writes ``where(mask[v], donor, act)`` with a per-variant mask.
+2. Patched variants of the ``n`` prompts share a batch, ``n`` rows each (variant-major), even
+   across layers: a *wave* of variants starts at its lowest patched layer, and the variants
+   patched at layer ``l`` join the batch right before block ``l`` with the base run's
+   ``resid_pre[l]``; a hook at layer ``l`` writes ``where(mask[v], donor, act)`` into just
+   those rows. One block call per layer per wave, instead of one per (layer, chunk).
 3. Only the final position is unembedded: ``logits = unembed(ln_final(x[:, -1]))`` (with the
-   final logit soft-cap where the model has one).
-4. Variants are chunked to ``batch_size`` sequences per forward.
+   final logit soft-cap where the model has one); for logit-difference metrics only the
+   answer columns of ``W_U``.
+4. A wave holds at most ``batch_tokens`` recomputed tokens (rows x positions), which bounds
+   memory.
 5. Patches that leave positions ``< f`` unchanged (``f`` = first position where clean and
    corrupted differ) recompute only positions ``f..``: the resumed blocks get the suffix of the
    residual, the suffix of the recorded mask / rotary tables, and a :class:`PrefixKV` in place of
@@ -20,8 +25,8 @@ For a patch at layer ``l`` of the base run (corrupted for denoising, clean for n
    model's cache cannot give them (e.g. a sliding-window cache cut shorter than the prompt) all
    positions are recomputed (still exact).
 
-Cost (in forwards of the ``n`` prompts through all ``L`` layers): ``sum_chunks V_chunk *
-(L - l) / L * (T - f) / T``. Exactness against full forwards: ``tests/test_patching.py``.
+Cost (in forwards of the ``n`` prompts through all ``L`` layers): ``sum_patches (L - l) / L *
+(T - f) / T``. Exactness against full forwards: ``tests/test_patching.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from torch import Tensor
 
 from workbench.hooks import hook_name, hooked
 from workbench.methods.patching.components import Index, patch_mask
+from workbench.progress import steps
 
 if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
@@ -179,10 +185,17 @@ class ResumableRun:
     def act(self, kind: str, layer: int) -> Tensor:
         return self.acts[hook_name(kind, layer)]
 
-    def unembed_last(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch vocab"]:
-        """Final norm and unembedding of the final position only."""
+    def unembed_last(
+        self, x: Float[Tensor, "batch pos d_model"], columns: Tensor | None = None
+    ) -> Float[Tensor, "batch cols"]:
+        """Final norm and unembedding of the final position only (of ``columns`` only if
+        given: ``h @ W_U[:, columns] + b_U[columns]``)."""
         bridge = self.model.bridge
-        logits = bridge.unembed(bridge.ln_final(x[:, -1:]))[:, 0]
+        if columns is None:
+            logits = bridge.unembed(bridge.ln_final(x[:, -1:]))[:, 0]
+        else:
+            h = bridge.ln_final(x[:, -1:])[:, 0]
+            logits = h @ bridge.W_U[:, columns] + bridge.b_U[columns]
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits  # type: ignore[no-any-return]
@@ -201,21 +214,43 @@ class ResumableRun:
         are computed (``resid`` holds just those); attention reads the base run's keys and
         values for the earlier positions, which no patch at or after ``start`` can change.
         """
-        reps = int(resid.shape[0]) // self.n
-        x = resid
-        cache = None if prefix is None else PrefixKV(prefix[0], prefix[1], reps)
-        with torch.inference_mode(), hooked(self.model.bridge, fwd_hooks):
-            for i in range(layer, self.model.n_layers):
+        with hooked(self.model.bridge, fwd_hooks):
+            return self.run_wave({layer: resid}, start=start, prefix=prefix)
+
+    def run_wave(
+        self,
+        entries: dict[int, Float[Tensor, "rows pos d_model"]],
+        start: int = 0,
+        prefix: tuple[dict[int, Tensor], dict[int, Tensor]] | None = None,
+        columns: Tensor | None = None,
+    ) -> Float[Tensor, "rows cols"]:
+        """Rows that join the batch at different layers: ``entries[l]`` (``V_l * n`` rows of
+        residual, variant-major) is appended to the batch right before block ``l``; after the
+        last block, the final-position logits of all rows in order of entry.
+
+        Hooks set by the caller see the whole batch at each block; the rows that entered at
+        block ``l`` are its last ``V_l * n`` rows there.
+        """
+        layers = sorted(entries)
+        x: Tensor | None = None
+        with torch.inference_mode():
+            for i in range(layers[0], self.model.n_layers):
+                if i in entries:
+                    x = entries[i] if x is None else torch.cat([x, entries[i]])
+                assert x is not None
+                reps = int(x.shape[0]) // self.n
                 rest, kw = self.block_args[i]
-                if cache is not None:
+                if prefix is not None:
                     rest = tuple(_suffix("arg", a, start, self.seq_len) for a in rest)
                     kw = {k: _suffix(k, v, start, self.seq_len) for k, v in kw.items()}
+                    cache = PrefixKV(prefix[0], prefix[1], reps)
                     rest, kw = _with_cache(self.model, rest, kw, cache)
                 rest = tuple(_tile(a, self.n, reps) for a in rest)
                 kw = {k: _tile(v, self.n, reps) for k, v in kw.items()}
                 out = self.model.bridge.blocks[i](x, *rest, **kw)
                 x = out[0] if isinstance(out, tuple) else out
-            return self.unembed_last(x)
+            assert x is not None
+            return self.unembed_last(x, columns)
 
 
 def _with_cache(
@@ -230,12 +265,28 @@ def _with_cache(
     return rest, {**kw, "past_key_values": cache}
 
 
-def _chunks(items: Sequence[Index], size: int) -> list[Sequence[Index]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 def _suffix_donor(component: str, act: Tensor, start: int) -> Tensor:
     return act[:, :, start:] if component == "pattern" else act[:, start:]
+
+
+def _tail_patch(component: str, local: Sequence[Index], donor: Tensor) -> Callable[..., Tensor]:
+    """Hook writing patch ``local[v]`` into the batch's last ``V * n`` rows (the variants that
+    entered at this layer): ``where(mask[v], donor, act)``; earlier rows pass unchanged."""
+    mask = patch_mask(component, local, donor.shape)
+    new = len(local) * int(donor.shape[0])
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        tail = act[-new:].reshape(len(local), -1, *act.shape[1:])
+        patched = torch.where(mask, donor[None], tail).reshape(new, *act.shape[1:])
+        return patched if act.shape[0] == new else torch.cat([act[:-new], patched])
+
+    return hook
+
+
+def waves(layer_indices: dict[int, list[Index]], per_wave: int) -> list[list[tuple[int, Index]]]:
+    """All ``(layer, index)`` patches in layer order, cut into waves of ``per_wave`` variants."""
+    flat = [(layer, ix) for layer in sorted(layer_indices) for ix in layer_indices[layer]]
+    return [flat[i : i + per_wave] for i in range(0, len(flat), per_wave)]
 
 
 def fast_sweep(
@@ -244,8 +295,9 @@ def fast_sweep(
     component: str,
     layer_indices: dict[int, list[Index]],
     metric: MetricFn,
-    batch_size: int,
+    batch_tokens: int,
     start: int = 0,
+    columns: Tensor | None = None,
 ) -> tuple[dict[tuple[int, Index], Tensor], float, int]:
     """Per-prompt metric of every patch; returns the values, the cost in forward units and
     the first recomputed position.
@@ -253,33 +305,39 @@ def fast_sweep(
     ``start``: every patch leaves positions ``< start`` unchanged (they are identical in both
     runs, or not patched), so only positions ``start..`` are recomputed where the model's cache
     allows (see :meth:`ResumableRun.prefix_kv`); otherwise all positions are.
+
+    Variants run in *waves* of at most ``batch_tokens`` (rows x recomputed positions) tokens:
+    a wave enters at the smallest patched layer among its variants, and each variant's rows
+    join the batch at its own layer (taking the base run's residual there), so variants of
+    many layers share one batch per block. ``columns``: unembed only these vocabulary columns
+    (the metric reads the answer logits only).
     """
     n, n_layers, seq_len = base.n, base.model.n_layers, base.seq_len
     prefix = base.prefix_kv(start) if 0 < start < seq_len else None
     if prefix is None:
         start = 0
-    per_chunk = max(1, batch_size // n)
+    per_wave = max(1, batch_tokens // (n * (seq_len - start)))
     out: dict[tuple[int, Index], Tensor] = {}
     cost = 0.0
-    for layer, indices in layer_indices.items():
-        resid = base.resid(layer)[:, start:]
-        donor_act = _suffix_donor(component, donor.act(component, layer), start)
-        for chunk in _chunks(indices, per_chunk):
-            v = len(chunk)
-            local = [Index(ix.head, ix.pos - start if ix.pos >= 0 else -1) for ix in chunk]
-            mask = patch_mask(component, local, donor_act.shape)
-
-            def hook(
-                act: Tensor, hook: Any, mask: Tensor = mask, v: int = v, src: Tensor = donor_act
-            ) -> Tensor:
-                shaped = act.reshape(v, n, *act.shape[1:])
-                return torch.where(mask, src[None], shaped).reshape(act.shape)
-
-            rows = resid.repeat(v, *([1] * (resid.ndim - 1)))
-            hooks = [(hook_name(component, layer), hook)]
-            logits = base.run_from(layer, rows, hooks, start=start, prefix=prefix)
-            values = metric(logits).reshape(v, n)
-            for j, ix in enumerate(chunk):
-                out[(layer, ix)] = values[j]
-            cost += v * (n_layers - layer) / n_layers * (seq_len - start) / seq_len
+    for wave in steps(waves(layer_indices, per_wave), desc=f"patching {component}"):
+        by_layer: dict[int, list[Index]] = {}
+        for layer, ix in wave:
+            by_layer.setdefault(layer, []).append(ix)
+        entries: dict[int, Tensor] = {}
+        hooks: list[tuple[str, Callable[..., Any]]] = []
+        for layer, indices in by_layer.items():
+            donor_act = _suffix_donor(component, donor.act(component, layer), start)
+            local = [Index(ix.head, ix.pos - start if ix.pos >= 0 else -1) for ix in indices]
+            resid = base.resid(layer)[:, start:]
+            rows = resid.repeat(len(indices), *([1] * (resid.ndim - 1)))
+            entries[layer] = rows
+            hooks.append((hook_name(component, layer), _tail_patch(component, local, donor_act)))
+        with hooked(base.model.bridge, hooks):
+            logits = base.run_wave(entries, start=start, prefix=prefix, columns=columns)
+        values = metric(logits).reshape(len(wave), n)
+        for j, key in enumerate(wave):
+            out[key] = values[j]
+        cost += (
+            sum((n_layers - layer) / n_layers for layer, _ in wave) * (seq_len - start) / seq_len
+        )
     return out, cost, start

@@ -36,7 +36,12 @@ class ActivationPatchingParams:
     metric: Literal["logit_diff", "norm_logit_diff", "prob", "loss", "kl"] = field(
         default="logit_diff", metadata={"help": "metric at the final position"}
     )
-    batch_size: int = field(default=64, metadata={"help": "patched sequences per forward pass"})
+    batch_tokens: int = field(
+        default=4096,
+        metadata={
+            "help": "recomputed tokens (patched sequences x positions) per forward; bounds memory"
+        },
+    )
     positions: Literal["from_first_diff", "all"] = field(
         default="from_first_diff",
         metadata={
@@ -73,9 +78,9 @@ class ActivationPatchingParams:
                 f"activation_patching: unknown positions '{self.positions}'",
                 "choose from_first_diff or all",
             )
-        if self.batch_size < 1:
+        if self.batch_tokens < 1:
             raise WorkbenchError(
-                "activation_patching: batch_size must be >= 1", "set batch_size = 64"
+                "activation_patching: batch_tokens must be >= 1", "set batch_tokens = 4096"
             )
         if any(int(layer) < 0 for layer in self.layers):
             raise WorkbenchError(

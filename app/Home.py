@@ -1,0 +1,25 @@
+"""The workbench web app: which attention heads do what. Run with ``make app``."""
+
+from __future__ import annotations
+
+import streamlit as st
+import ui
+
+model = ui.page("workbench — which attention heads do what")
+listed = ui.runs(model)
+st.markdown(
+    f"""
+Model **{model}** · **{len(listed)}** stored run(s) for it in the results store.
+
+- **Atlas**: every stored score of every head, as a layer x head grid; pick a head to open it.
+- **Head**: one head's scores across analyses, its attention map, its direct logit attribution.
+- **Attention**: attention patterns of any layer and head on your own prompt.
+- **Run**: run an analysis from the registry on a task or your own clean/corrupted prompts.
+- **Circuits**: how far two stored runs (or circuits) agree.
+- **Runs**: browse the store, download results as CSV, Parquet or JSON, figures as HTML.
+"""
+)
+if len(listed):
+    st.dataframe(listed.drop(columns=["params"]).head(10), hide_index=True)
+else:
+    st.info("No results for this model yet: start one on the **Run** page.")

@@ -1,0 +1,79 @@
+"""Run an analysis from the registry on a task or on typed clean/corrupted prompts."""
+
+from __future__ import annotations
+
+import streamlit as st
+import ui
+
+from workbench.progress import reporting
+from workbench.registry import REGISTRY
+from workbench.run import RunRequest, run_analysis
+from workbench.tasks import TASKS
+
+CUSTOM = "custom prompts (type them)"
+
+model_name = ui.page("Run an analysis")
+analysis_name = st.selectbox("Analysis", list(REGISTRY), key="run.analysis")
+analysis = REGISTRY[analysis_name]
+st.caption(analysis.description + (f" — {analysis.reference}" if analysis.reference else ""))
+
+# needle sets and plain texts are their own kinds of prompt sets: only their analyses take them
+OWN_KIND = {"needle", "texts"}
+if analysis.default_task in OWN_KIND or analysis.task_kind == "needle":
+    choices = [analysis.default_task]
+else:
+    choices = [t for t in TASKS if t not in OWN_KIND and t != "custom"] + [CUSTOM, "custom"]
+task = st.selectbox(
+    "Task", choices, index=choices.index(analysis.default_task), key=f"run.task.{analysis_name}"
+)
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Prompts")
+    if task == CUSTOM:
+        clean = st.text_area("Clean prompt(s), one per line", key="run.clean")
+        corrupt = st.text_area("Corrupted prompt(s), same token length", key="run.corrupt")
+        correct = st.text_input("Correct answer (one token, e.g. ' Mary')", key="run.correct")
+        incorrect = st.text_input("Incorrect answer (one token)", key="run.incorrect")
+        task_params = {}
+    else:
+        task_params = ui.param_widgets(TASKS[task].params_cls, f"task.{task}")
+with right:
+    st.subheader("Parameters")
+    params = ui.param_widgets(analysis.params_cls, f"params.{analysis_name}")
+    bos = st.selectbox("BOS", ["auto", "true", "false"], key="run.bos")
+prepend_bos = None if bos == "auto" else bos == "true"
+
+if st.button("Run", type="primary", key="run.go"):
+    with ui.friendly_errors():
+        run_task = task
+        if task == CUSTOM:
+            path = ui.custom_prompt_file(clean, corrupt, correct, incorrect)
+            run_task, task_params = "custom", {"path": path}
+        request = RunRequest(analysis_name, model_name, run_task, params, task_params, prepend_bos)
+        run_id = request.key().run_id  # validates everything without loading the model
+        if not ui.store().has(run_id):
+            bar = st.progress(0.0, text="starting…")
+
+            def progress(desc: str, done: int, total: int) -> None:
+                bar.progress(min(1.0, done / max(total, 1)), text=f"{desc} {done}/{total}")
+
+            with st.spinner(f"Running {analysis_name} on {model_name}…"), reporting(progress):
+                run_analysis(
+                    analysis_name,
+                    ui.model(model_name),
+                    run_task,
+                    params=params,
+                    task_params=task_params,
+                    prepend_bos=prepend_bos,
+                    store=ui.store(),
+                )
+            bar.progress(1.0, text="done")
+        st.session_state.last_run = run_id
+
+last = st.session_state.get("last_run")
+if last:
+    res = ui.result(last)
+    if res is not None and res.key.get("model") == model_name:
+        st.success(f"Result `{last}` is in the store.")
+        ui.show_result(res, key="run.result")

@@ -1,0 +1,111 @@
+"""The registered ``retrieval_heads`` analysis: per-head retrieval scores on a needle set.
+
+``mode = "faithful"`` (default) follows Wu et al. 2024 (:mod:`.faithful`); ``mode = "fast"``
+is the teacher-forced variant (:mod:`.fast`, which states when the two agree). Either way a
+head's score is the mean of its per-sample score over the samples answered correctly
+(ROUGE-1 recall of the answer against ``real_needle`` > ``recall_threshold``); ``stderr`` is
+over those samples and ``n`` is their number. With no sample counted the scores are NaN.
+
+Tables: ``samples`` (one row per sample: depth, length, needle span, answer, recall, counted)
+and ``sample_scores`` (sample, layer, head, score: every sample's per-head score, counted or
+not). Info: ``share_above_0.1`` (retrieval heads per the paper's threshold over all heads),
+``n_counted``, the shared-prefix tokens reused.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+from workbench.methods.retrieval.decode import check_samples
+from workbench.methods.retrieval.schemas import RetrievalParams
+from workbench.types import AnalysisOutput, HeadMetric, NeedleSet, mean_stderr
+
+if TYPE_CHECKING:
+    from workbench.methods.retrieval.faithful import SampleScore
+    from workbench.models.loading import LoadedModel
+
+RETRIEVAL_THRESHOLD = 0.1
+"""Wu et al.: a head with retrieval score > 0.1 is a retrieval head."""
+
+
+def score_samples(
+    model: LoadedModel, prompts: NeedleSet, params: RetrievalParams
+) -> list[SampleScore]:
+    """Per-sample scores in the chosen mode, after checking the samples."""
+    if not isinstance(prompts, NeedleSet):
+        raise WorkbenchError(
+            f"retrieval_heads needs a needle task, got task '{getattr(prompts, 'task', '?')}'",
+            "use task = 'needle'",
+        )
+    check_samples(model, prompts.samples, teacher_forced=params.mode == "fast")
+    if params.mode == "fast":
+        from workbench.methods.retrieval.fast import fast_scores
+
+        return fast_scores(model, prompts.samples, params)
+    from workbench.methods.retrieval.faithful import faithful_scores
+
+    return faithful_scores(model, prompts.samples, params)
+
+
+def retrieval_heads(
+    model: LoadedModel, prompts: NeedleSet, params: RetrievalParams
+) -> AnalysisOutput:
+    """Retrieval score per (layer, query head): mean per-sample copy score over the samples
+    answered correctly (module doc; Wu et al. 2024)."""
+    import pandas as pd
+
+    scored = score_samples(model, prompts, params)
+    per = np.stack([s.score.numpy() for s in scored])  # [sample, layer, head]
+    counted = np.array([s.recall > params.recall_threshold for s in scored])
+    n = int(counted.sum())
+    if n:
+        mean, stderr = mean_stderr(per[counted])
+    else:
+        mean = stderr = np.full(per.shape[1:], np.nan)
+    samples = prompts.samples
+    rows = [
+        {
+            "sample": i,
+            "context_length": int(samples[i].context_length),
+            "tokens": int(samples[i].context.shape[0]),
+            "depth_percent": float(samples[i].depth_percent),
+            "needle_start": int(samples[i].needle_span[0]),
+            "needle_end": int(samples[i].needle_span[1]),
+            "needle": samples[i].real_needle,
+            "answer": s.answer,
+            "recall": float(s.recall),
+            "counted": bool(counted[i]),
+            "steps": int(s.steps),
+            "reused_tokens": int(s.reused),
+            "score_sum": float(per[i].sum()),
+        }
+        for i, s in enumerate(scored)
+    ]
+    n_s, n_l, n_h = per.shape
+    sample_scores = pd.DataFrame(
+        {
+            "sample": np.repeat(np.arange(n_s), n_l * n_h),
+            "layer": np.tile(np.repeat(np.arange(n_l), n_h), n_s),
+            "head": np.tile(np.arange(n_h), n_s * n_l),
+            "score": per.ravel(),
+        }
+    )
+    info: dict[str, Any] = {
+        "mode": params.mode,
+        "n_samples": n_s,
+        "n_counted": n,
+        f"share_above_{RETRIEVAL_THRESHOLD:g}": float(np.mean(mean > RETRIEVAL_THRESHOLD))
+        if n
+        else None,
+        "recall_mean": float(np.mean([s.recall for s in scored])),
+        "reused_prefix_tokens": int(sum(s.reused for s in scored)),
+        "context_tokens": int(sum(int(s.context.shape[0]) for s in samples)),
+    }
+    return AnalysisOutput(
+        head_metrics={"retrieval_score": HeadMetric(mean, stderr, n)},
+        tables={"samples": pd.DataFrame(rows), "sample_scores": sample_scores},
+        info=info,
+    )

@@ -1,0 +1,73 @@
+"""Parameter schema of causal validation (torch-free, so the CLI can list it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+
+
+def source_scores(run: str, metric: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+    """``[n_layers, n_heads]`` scores of ``metric`` (default: the run's first) of the stored
+    run ``run`` (id or unique prefix) in the default store (``$WORKBENCH_HOME/store``), read
+    only; one-line WorkbenchError when the run or metric is missing."""
+    from workbench.circuits import run_scores
+    from workbench.store import ResultStore
+
+    return run_scores(ResultStore(), run, metric or None)
+
+
+@dataclass(frozen=True)
+class ValidationParams:
+    """Ablate the top-k heads of a stored per-head score, and random k-sets as a control."""
+
+    source_run: str = field(
+        default="", metadata={"help": "the stored per-head run (run id or a unique prefix)"}
+    )
+    source_metric: str = field(
+        default="", metadata={"help": "its metric to rank heads by (default: its first)"}
+    )
+    ks: tuple[int, ...] = field(
+        default=(1, 2, 4, 8), metadata={"help": "numbers of heads to ablate"}
+    )
+    n_random: int = field(
+        default=5, metadata={"help": "random head sets per k (set i uses seed + i)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the first random set"})
+    ablation: Literal["zero", "mean"] = field(
+        default="zero",
+        metadata={"help": "zero, or mean (over the task's prompts; needle: over positions)"},
+    )
+    absolute: bool = field(default=False, metadata={"help": "rank heads by |score|"})
+    max_new_tokens: int = field(
+        default=48, metadata={"help": "needle tasks: most tokens generated per answer"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "prompt tasks: prompts per forward"})
+
+    def validate(self) -> None:
+        if not self.source_run.strip():
+            raise WorkbenchError(
+                "causal_validation: source_run is empty", "name a stored per-head run id"
+            )
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise WorkbenchError(
+                f"causal_validation: ks must be whole numbers >= 1, got {list(self.ks)}",
+                "use ks = [1, 2, 4, 8]",
+            )
+        if self.n_random < 0:
+            raise WorkbenchError("causal_validation: n_random must be >= 0", "use n_random = 5")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise WorkbenchError(
+                "causal_validation: max_new_tokens and batch_size must be >= 1", "use the defaults"
+            )
+        scores, _ = source_scores(self.source_run, self.source_metric)
+        n_scored = int(np.isfinite(scores).sum())
+        if max(self.ks) > n_scored:
+            raise WorkbenchError(
+                f"causal_validation: k = {max(self.ks)} is larger than the {n_scored} heads "
+                "the source run scores",
+                f"use ks <= {n_scored}",
+            )
