@@ -31,7 +31,7 @@ def ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="stable")
     r = np.empty(len(x))
     r[order] = np.arange(len(x))
-    vals, inv = np.unique(x, return_inverse=True)
+    _, inv = np.unique(x, return_inverse=True)
     sums = np.bincount(inv, weights=r)
     counts = np.bincount(inv)
     return (sums / counts)[inv]
@@ -60,9 +60,10 @@ def compare(model_name: str, length: int, n_depths: int) -> None:
         out[mode] = retrieval_heads(model, ns, RetrievalParams(mode=mode))
         secs[mode] = time.perf_counter() - t0
         info = out[mode].info
+        share, reused = info["share_above_0.1"], info["reused_prefix_tokens"]
         print(f"{mode:9s} {secs[mode]:7.1f} s  ({secs[mode] / ns.n:.2f} s/sample), counted "
-              f"{info['n_counted']}/{ns.n}, share of heads > 0.1: {info['share_above_0.1']:.3f}, "
-              f"prefix tokens reused {info['reused_prefix_tokens']}/{info['context_tokens']}")  # fmt: skip
+              f"{info['n_counted']}/{ns.n}, share of heads > 0.1: {share:.3f}, "
+              f"prefix tokens reused {reused}/{info['context_tokens']}", flush=True)  # fmt: skip
     fast = out["fast"].head_metrics["retrieval_score"].mean.ravel()
     faithful = out["faithful"].head_metrics["retrieval_score"].mean.ravel()
     top = [set(np.argsort(-x, kind="stable")[:10].tolist()) for x in (fast, faithful)]

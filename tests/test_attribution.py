@@ -208,3 +208,34 @@ def test_smollm2_ioi_attribution_ranks_like_exact_patching(smollm2):
             )
     agree = agreement(attr.ravel()[cells], np.array(exact), k=4)
     assert agree["spearman"] > 0.8, agree
+
+
+def test_agreement_recorded_when_both_runs_are_stored(toy, store):
+    """Storing attribution patching and an exact z sweep of the same prompts (either order)
+    stores one agreement record whose numbers equal ``agreement`` of the two effect grids; an
+    exact sweep that is not a per-head sweep over all layers gets none."""
+    from workbench.compare import AGREEMENT
+    from workbench.run import run_analysis
+
+    task = {"n_prompts": 8, "seq_len": 8}
+    other = run_analysis(
+        "activation_patching",
+        toy,
+        "induction",
+        params={"layers": [1]},
+        task_params=task,
+        store=store,
+    )
+    exact = run_analysis("activation_patching", toy, "induction", task_params=task, store=store)
+    assert store.list_runs(analysis=AGREEMENT).empty  # no attribution run yet
+    attr = run_analysis("attribution_patching", toy, "induction", task_params=task, store=store)
+    records = store.list_runs(analysis=AGREEMENT)
+    assert len(records) == 1
+    rec = store.get(records.run_id[0]).tables["agreement"].iloc[0]
+    assert (rec.attribution_run, rec.exact_run) == (attr.run_id, exact.run_id)
+    assert other.run_id != rec.exact_run
+    base = exact.manifest["extra"]["baseline_corrupted"]
+    want = agreement(attr.matrix().to_numpy(), exact.matrix().to_numpy() - base, k=10)
+    assert rec.spearman == pytest.approx(want["spearman"])
+    assert rec.top_k_overlap == pytest.approx(want["top_k_overlap"])
+    assert rec.spearman > 0.5  # the toy model's induction circuit is close to linear

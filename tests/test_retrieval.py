@@ -185,8 +185,8 @@ def test_faithful_and_fast_equal_slow_references(toy):
     params = RetrievalParams(max_new_tokens=5)
     faithful = faithful_scores(toy, ns.samples, params)
     fast = fast_scores(toy, ns.samples, params)
-    for s, f, q in zip(ns.samples, faithful, fast):
-        gen, ref = slow_faithful(toy, s, 5)
+    for s, f, q in zip(ns.samples, faithful, fast, strict=True):
+        _, ref = slow_faithful(toy, s, 5)
         np.testing.assert_allclose(f.score.numpy(), ref, atol=1e-12)
         np.testing.assert_allclose(q.score.numpy(), slow_fast(toy, s), atol=1e-12)
         assert ref.max() > 0  # the copy task produces hits
@@ -236,7 +236,7 @@ def test_shared_prefix_cache_is_reused_and_exact(toy):
     params = RetrievalParams(mode="fast")
     a = fast_scores(toy, ns.samples, params)
     b = fast_scores(toy, ns.samples, RetrievalParams(mode="fast", reuse_prefix=False))
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x.score, y.score)
 
 

@@ -39,8 +39,9 @@ def copy_needles(model, n: int = 4) -> NeedleSet:
         ids = [0, *filler[: 2 * i], *needle, *filler[2 * i : 10], needle[0]]
         span = (1 + 2 * i, 7 + 2 * i)
         text = model.codec.decode(needle[1:])
+        needle_text = model.codec.decode(needle)
         out.append(NeedleSample(torch.tensor(ids), span, torch.tensor(needle[1:]),
-                                model.codec.decode(needle), "", text, 20.0 * i, len(ids)))  # fmt: skip
+                                needle_text, "", text, 20.0 * i, len(ids)))  # fmt: skip
     return NeedleSet("copy", tuple(out))
 
 

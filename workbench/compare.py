@@ -97,3 +97,135 @@ def compare_runs(
         "analysis_b": rb.key.get("analysis"),
         **stats,
     }
+
+
+AGREEMENT = "attribution_agreement"
+"""Analysis name of a stored agreement record (derived from two stored runs, never computed
+from a model, so it is not in the analysis registry)."""
+
+_PAIR = {
+    "attribution_patching": "activation_patching",
+    "activation_patching": "attribution_patching",
+}
+
+
+def _exact_is_head_sweep(params: dict[str, Any]) -> bool:
+    return (
+        params.get("component") == "z"
+        and not params.get("per_position")
+        and not params.get("layers")
+        and params.get("positions", "from_first_diff") == "from_first_diff"
+    )
+
+
+def _effects(result: Any) -> np.ndarray:
+    """Per-head effect ``metric(patched) - metric(base run)`` of an exact z sweep, or the
+    attribution estimate of that same quantity."""
+    mat = result.matrix(result.metrics[0]).to_numpy(dtype=float)
+    if result.key["analysis"] == "attribution_patching":
+        return mat
+    info = result.manifest.get("extra", {})
+    denoise = result.key["params"].get("direction", "denoising") == "denoising"
+    return mat - float(info["baseline_corrupted" if denoise else "baseline_clean"])
+
+
+def find_counterpart(store: Any, result: Any) -> Any | None:
+    """The newest stored run that ``result`` (attribution patching, or an exact z sweep over all
+    layers) can be compared with: the other method on the same model weights, prompts, BOS,
+    direction and metric."""
+    from workbench.results import AnalysisResult
+
+    analysis = result.key["analysis"]
+    if analysis not in _PAIR:
+        return None
+    mine = result.key["params"]
+    if analysis == "activation_patching" and not _exact_is_head_sweep(mine):
+        return None
+    same = ("direction", "metric", "prepend_bos")
+    rows = store.list_runs(model=result.key["model"], analysis=_PAIR[analysis])
+    for row in rows.itertuples():
+        stored = store.get(row.run_id)
+        if stored is None:
+            continue
+        other = AnalysisResult.from_stored(stored)
+        theirs = other.key["params"]
+        if (
+            other.key["model_fingerprint"] == result.key["model_fingerprint"]
+            and other.key["data_hash"] == result.key["data_hash"]
+            and other.key["task"] == result.key["task"]
+            and all(theirs.get(f) == mine.get(f) for f in same)
+            and (analysis == "activation_patching" or _exact_is_head_sweep(theirs))
+        ):
+            return other
+    return None
+
+
+def record_agreement(store: Any, run_id: str, k: int = 10) -> str | None:
+    """Store the agreement of attribution patching with exact z patching when both runs exist.
+
+    Called after either is stored. The record (analysis ``attribution_agreement``) holds the
+    table ``agreement`` (one row: :func:`agreement` of the per-head effects, both run ids) and
+    ``cells`` (layer, head, attribution, exact effect). Returns its run id, or None when there
+    is no counterpart yet.
+    """
+    import pandas as pd
+
+    from workbench import __version__
+    from workbench.results import AnalysisResult
+    from workbench.types import RunKey
+
+    stored = store.get(run_id)
+    if stored is None:
+        return None
+    result = AnalysisResult.from_stored(stored)
+    other = find_counterpart(store, result)
+    if other is None:
+        return None
+    attr, exact = (
+        (result, other)
+        if result.key["analysis"] == "attribution_patching"
+        else (
+            other,
+            result,
+        )
+    )
+    a, e = _effects(attr), _effects(exact)
+    stats = agreement(a, e, k=k)
+    key = RunKey(
+        model=attr.key["model"],
+        model_fingerprint=attr.key["model_fingerprint"],
+        analysis=AGREEMENT,
+        params={"attribution_run": attr.run_id, "exact_run": exact.run_id, "k": k},
+        task=attr.key["task"],
+        data_hash=attr.key["data_hash"],
+        code_version=f"{__version__}+{AGREEMENT}.1",
+    )
+    if store.has(key.run_id):
+        return key.run_id
+    n_layers, n_heads = a.shape
+    layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    params = attr.key["params"]
+    tables = {
+        "agreement": pd.DataFrame(
+            [
+                {
+                    "attribution_run": attr.run_id,
+                    "exact_run": exact.run_id,
+                    "component": "z",
+                    "direction": params.get("direction"),
+                    "metric": params.get("metric"),
+                    **stats,
+                }
+            ]
+        ),
+        "cells": pd.DataFrame(
+            {
+                "layer": layer.ravel(),
+                "head": head.ravel(),
+                "attribution": a.ravel(),
+                "exact_effect": e.ravel(),
+            }
+        ),
+    }
+    store.put(key, tables, {"agreement": stats})
+    return key.run_id

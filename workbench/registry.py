@@ -20,8 +20,8 @@ from workbench.methods.dla_schemas import DLAParams, LogitLensParams
 from workbench.methods.patching.schemas import ActivationPatchingParams
 from workbench.methods.retrieval.schemas import RetrievalParams
 from workbench.methods.schemas import HeadDetectorParams
-from workbench.methods.validation_schemas import ValidationParams
 from workbench.methods.sinks_schemas import SinkParams
+from workbench.methods.validation_schemas import ValidationParams
 
 
 @dataclass(frozen=True)

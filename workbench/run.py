@@ -185,4 +185,8 @@ def run_analysis(
     fp = None if isinstance(model, str) else model.fingerprint
     key = request.key(fp)
     stored = store.get_or_compute(key, lambda: compute(request, pool.get(name), key))
+    if not stored.from_store:
+        from workbench.compare import record_agreement
+
+        record_agreement(store, key.run_id)
     return AnalysisResult.from_stored(stored)

@@ -161,6 +161,10 @@ def run_spec(
 
             stored = store.get_or_compute(key, work)
             status = "stored" if stored.from_store else "computed"
+            if not stored.from_store:
+                from workbench.compare import record_agreement
+
+                record_agreement(store, key.run_id)
         outcome = PartOutcome(req, key.run_id, status, time.perf_counter() - t0)
         outcomes.append(outcome)
         if on_result is not None:

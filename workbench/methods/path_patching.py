@@ -41,6 +41,7 @@ from workbench import metrics as M
 from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name, hooked
 from workbench.methods.attribution_schemas import PathPatchingParams
+from workbench.progress import steps
 from workbench.types import AnalysisOutput, Head, HeadMetric, PromptSet
 
 if TYPE_CHECKING:
@@ -211,7 +212,7 @@ def path_patching(
 
     mean = np.full((model.n_layers, model.n_heads), np.nan)
     se = np.full_like(mean, np.nan)
-    for s in senders:
+    for s in steps(senders, desc="path patching senders"):
         logits = path_patch_sender(
             model, base_tokens, s, receivers, source, base, freeze_mlps=params.freeze_mlps
         )

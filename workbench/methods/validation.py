@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 
 def random_sets(n_layers: int, n_heads: int, k: int, seeds: Sequence[int]) -> list[list[Head]]:
-    """For each seed, the first ``k`` heads of ``default_rng(seed).permutation(n_layers*n_heads)``."""
+    """Per seed: the first ``k`` of ``default_rng(seed).permutation(n_layers * n_heads)``."""
     out = []
     for seed in seeds:
         flat = np.random.default_rng(seed).permutation(n_layers * n_heads)[:k]
@@ -57,9 +57,10 @@ def _prompt_values(
     model: LoadedModel, prompts: PromptSet, heads: list[Head], params: ValidationParams
 ) -> np.ndarray:
     values = []
-    with torch.no_grad(), ablate_heads(
-        model, heads, params.ablation, reference_tokens=prompts.clean
-    ) as bridge:
+    with (
+        torch.no_grad(),
+        ablate_heads(model, heads, params.ablation, reference_tokens=prompts.clean) as bridge,
+    ):
         for start in range(0, prompts.n, params.batch_size):
             sl = slice(start, start + params.batch_size)
             logits = bridge(prompts.clean[sl], prepend_bos=False)[:, -1]
@@ -125,7 +126,9 @@ def causal_validation(
     add(0, "none", None, [])
     for k in sorted(set(params.ks)):
         add(k, "top", None, ranked[:k])
-        for seed, heads in zip(seeds, random_sets(model.n_layers, model.n_heads, k, seeds)):
+        for seed, heads in zip(
+            seeds, random_sets(model.n_layers, model.n_heads, k, seeds), strict=True
+        ):
             add(k, "random", seed, heads)
     table = pd.DataFrame(rows)
     return AnalysisOutput(

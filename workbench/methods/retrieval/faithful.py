@@ -59,9 +59,7 @@ def faithful_scores(
     recorder = ArgmaxRecorder(model.n_layers)
     out: dict[int, SampleScore] = {}
     with hooked(model.bridge, recorder.hooks()):
-        for pre in prefilled(
-            model, samples, chunk=params.prefill_chunk, reuse=params.reuse_prefix
-        ):
+        for pre in prefilled(model, samples, chunk=params.prefill_chunk, reuse=params.reuse_prefix):
             s = samples[pre.index]
             dec = decode_sample(
                 model,
@@ -78,7 +76,5 @@ def faithful_scores(
                 targets = torch.tensor(dec.tokens[1:], dtype=torch.long)
                 score = copy_hits(dec.argmax, tokens, targets, s.needle_span)
             steps = len(dec.tokens) - 1
-            out[pre.index] = SampleScore(
-                pre.index, score, dec.recall, dec.text, steps, pre.reused
-            )
+            out[pre.index] = SampleScore(pre.index, score, dec.recall, dec.text, steps, pre.reused)
     return [out[i] for i in range(len(samples))]

@@ -46,9 +46,7 @@ def fast_scores(
     recorder = ArgmaxRecorder(model.n_layers)
     out: dict[int, SampleScore] = {}
     with hooked(model.bridge, recorder.hooks()), torch.no_grad():
-        for pre in prefilled(
-            model, samples, chunk=params.prefill_chunk, reuse=params.reuse_prefix
-        ):
+        for pre in prefilled(model, samples, chunk=params.prefill_chunk, reuse=params.reuse_prefix):
             s = samples[pre.index]
             ans = s.answer.to(torch.long)
             n_ans, n = int(ans.shape[0]), int(s.context.shape[0])
