@@ -312,16 +312,31 @@ def test_bad_needle_tasks_store_nothing(load, store, tmp_path, task_params, matc
 
 @pytest.mark.models
 def test_smollm2_retrieval_heads_faithful_and_fast(smollm2):
-    """One 256-token sample: SmolLM2 answers it; retrieval scores are sparse; the two modes
-    share most of their top heads."""
+    """One 256-token sample: SmolLM2 answers it; retrieval scores are sparse; the fast mode
+    forced with the needle sentence (which SmolLM2 repeats) shares most top heads."""
     from workbench.tasks import build_task
 
     ns = build_task("needle", smollm2.codec, {"context_lengths": [256], "depth_percents": [50]})
     faithful = retrieval_heads(smollm2, ns, RetrievalParams(max_new_tokens=32))
-    fast = retrieval_heads(smollm2, ns, RetrievalParams(mode="fast"))
+    fast = retrieval_heads(smollm2, ns, RetrievalParams(mode="fast", fast_answer="needle"))
     assert faithful.info["n_counted"] == 1 and faithful.tables["samples"]["recall"][0] > 0.5
     share = faithful.info["share_above_0.1"]
     assert 0 < share < 0.15
     top = [set(np.argsort(-o.head_metrics["retrieval_score"].mean.ravel())[:10])
            for o in (faithful, fast)]  # fmt: skip
     assert len(top[0] & top[1]) >= 7
+
+
+def test_forced_needle_answer_is_the_needle_as_tokenised_in_the_context(load):
+    from workbench.methods.retrieval.fast import forced_answers
+    from workbench.tasks import build_task
+
+    tiny = load("tiny-llama")
+    ns = build_task("needle", tiny.codec, {"context_lengths": [90], "depth_percents": [50]})
+    s = ns.samples[0]
+    (real,) = forced_answers(tiny, ns.samples, "real_needle")
+    (whole,) = forced_answers(tiny, ns.samples, "needle")
+    assert torch.equal(real, s.answer)
+    assert whole.tolist() == s.context[s.needle_span[0] : s.needle_span[1]].tolist()
+    out = retrieval_heads(tiny, ns, RetrievalParams(mode="fast", fast_answer="needle"))
+    assert out.tables["samples"]["steps"][0] == len(whole) - 1

@@ -149,6 +149,15 @@ def test_colored_objects_corrupt_asks_another_object(tok):
     with pytest.raises(WorkbenchError) as e:
         build_task("colored_objects", codec, {"n_objects": 1})
     one_line_error(e, "n_objects")
+    shots = build_task("colored_objects", codec, {"n_objects": 3, "n_prompts": 4, "n_shots": 2})
+    for i in range(shots.n):  # two solved examples, then a prompt of the usual form
+        clean, corrupt = shots.prompts[i], shots.corrupt_prompts[i]
+        assert clean.count("What color is the") == 3 and clean.count(".\n\n") == 2
+        assert clean.split(".\n\n")[:2] == corrupt.split(".\n\n")[:2]
+    assert shots.meta["first_diff_pos"] > 2 * 20
+    with pytest.raises(WorkbenchError) as e:
+        build_task("colored_objects", codec, {"n_shots": -1})
+    one_line_error(e, "n_shots")
 
 
 def test_factual_pairs_share_a_relation(tok):

@@ -94,10 +94,17 @@ def causal_validation(
             f"{scores.shape[1]} heads), not {model.name}",
             f"validate it on {info['model']}",
         )
+    n_scored = int(np.isfinite(scores).sum())
+    if max(params.ks) > n_scored:
+        raise WorkbenchError(
+            f"causal_validation: k = {max(params.ks)} is larger than the {n_scored} heads "
+            f"run {info['run_id']} scores",
+            f"use ks <= {n_scored}",
+        )
     if isinstance(prompts, NeedleSet):
         from workbench.methods.retrieval.decode import check_samples
 
-        check_samples(model, prompts.samples, teacher_forced=False)
+        check_samples(model, prompts.samples)
         metric, evaluate = "needle_recall", _needle_values
     elif isinstance(prompts, PromptSet):
         metric, evaluate = "logit_diff", _prompt_values  # type: ignore[assignment]

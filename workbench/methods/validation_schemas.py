@@ -22,7 +22,11 @@ def source_scores(run: str, metric: str = "") -> tuple[np.ndarray, dict[str, Any
 
 @dataclass(frozen=True)
 class ValidationParams:
-    """Ablate the top-k heads of a stored per-head score, and random k-sets as a control."""
+    """Ablate the top-k heads of a stored per-head score, and random k-sets as a control.
+
+    The source run is read when the analysis runs (so a spec can score heads and validate them
+    in one go), before anything is computed: a missing run or metric, or ``k`` above the
+    number of scored heads, is a one-line error and nothing is stored."""
 
     source_run: str = field(
         default="", metadata={"help": "the stored per-head run (run id or a unique prefix)"}
@@ -62,12 +66,4 @@ class ValidationParams:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise WorkbenchError(
                 "causal_validation: max_new_tokens and batch_size must be >= 1", "use the defaults"
-            )
-        scores, _ = source_scores(self.source_run, self.source_metric)
-        n_scored = int(np.isfinite(scores).sum())
-        if max(self.ks) > n_scored:
-            raise WorkbenchError(
-                f"causal_validation: k = {max(self.ks)} is larger than the {n_scored} heads "
-                "the source run scores",
-                f"use ks <= {n_scored}",
             )

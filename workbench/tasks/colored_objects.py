@@ -37,9 +37,17 @@ class ColoredObjectsParams:
     n_prompts: int = field(default=16, metadata={"help": "number of prompt pairs"})
     seed: int = field(default=0, metadata={"help": "seed of the object/color sampler"})
     n_objects: int = field(default=3, metadata={"help": "objects on the table (2 or more)"})
+    n_shots: int = field(
+        default=0,
+        metadata={
+            "help": "solved examples before each prompt (in-context, as BIG-bench's few-shot)"
+        },
+    )
 
     def validate(self) -> None:
         check_n_prompts(self.n_prompts)
+        if self.n_shots < 0:
+            raise WorkbenchError(f"n_shots must be >= 0, got {self.n_shots}", "use n_shots >= 0")
         if self.n_objects < 2:
             raise WorkbenchError(
                 f"n_objects must be >= 2, got {self.n_objects}", "use n_objects >= 2"
@@ -71,6 +79,21 @@ def _items(colors: list[str], objects: list[str]) -> str:
     return ", ".join(parts[:-1]) + f", and {parts[-1]}"
 
 
+def _solved(
+    template: str,
+    rng: random.Random,
+    colors: list[str],
+    objects: list[str],
+    surfaces: list[str],
+    n: int,
+) -> str:
+    """One in-context example: a prompt of the same form followed by its answer."""
+    cs, os_ = rng.sample(colors, n), rng.sample(objects, n)
+    q = rng.randrange(n)
+    text = template.format(surface=rng.choice(surfaces), items=_items(cs, os_), object=os_[q])
+    return f"{text} {cs[q]}.\n\n"
+
+
 def build(codec: TextCodec, params: ColoredObjectsParams) -> PromptSet:
     data = _data()
     colors = single_tokens(codec, data["colors"])
@@ -96,8 +119,12 @@ def build(codec: TextCodec, params: ColoredObjectsParams) -> PromptSet:
             surface = rng.choice(surfaces)
             q, alt = rng.sample(range(n), 2)
             items = _items(cs, os_)
-            text = template.format(surface=surface, items=items, object=os_[q])
-            ctext = template.format(surface=surface, items=items, object=os_[alt])
+            shots = "".join(
+                _solved(template, rng, color_names, object_names, surfaces, n)
+                for _ in range(params.n_shots)
+            )
+            text = shots + template.format(surface=surface, items=items, object=os_[q])
+            ctext = shots + template.format(surface=surface, items=items, object=os_[alt])
             ids, cids = codec.encode_prompt(text), codec.encode_prompt(ctext)
             if len(ids) == len(cids) and length in (None, len(ids)):
                 break

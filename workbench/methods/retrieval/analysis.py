@@ -40,11 +40,13 @@ def score_samples(
             f"retrieval_heads needs a needle task, got task '{getattr(prompts, 'task', '?')}'",
             "use task = 'needle'",
         )
-    check_samples(model, prompts.samples, teacher_forced=params.mode == "fast")
     if params.mode == "fast":
-        from workbench.methods.retrieval.fast import fast_scores
+        from workbench.methods.retrieval.fast import fast_scores, forced_answers
 
+        answers = forced_answers(model, prompts.samples, params.fast_answer)
+        check_samples(model, prompts.samples, answers=answers)
         return fast_scores(model, prompts.samples, params)
+    check_samples(model, prompts.samples)
     from workbench.methods.retrieval.faithful import faithful_scores
 
     return faithful_scores(model, prompts.samples, params)

@@ -183,11 +183,14 @@ def is_stop(model: LoadedModel, token: int, stops: frozenset[int], so_far: str) 
 
 
 def check_samples(
-    model: LoadedModel, samples: Sequence[NeedleSample], *, teacher_forced: bool
+    model: LoadedModel,
+    samples: Sequence[NeedleSample],
+    *,
+    answers: Sequence[Tensor] | None = None,
 ) -> None:
     """One-line errors for unusable samples: needle span outside the context or not holding
-    the needle's tokens, or a context longer than the model's (plus the answer tokens fed when
-    ``teacher_forced``, else plus one generated token)."""
+    the needle's tokens, or a context longer than the model's (plus the teacher-forced
+    ``answers`` fed after it, or else one generated token)."""
     if not samples:
         raise WorkbenchError("the needle set has no samples", "give at least one depth and length")
     n_ctx = int(model.codec.n_ctx)
@@ -206,14 +209,14 @@ def check_samples(
                 f"(span [{start}, {end}) reads {got.strip()[:40]!r})",
                 "check the needle text and its span",
             )
-        extra = int(s.answer.shape[0]) - 1 if teacher_forced else 1
+        extra = 1 if answers is None else int(answers[i].shape[0]) - 1
         if n + extra > n_ctx:
             raise WorkbenchError(
                 f"sample {i}: context of {n} tokens (+{extra} answer tokens) exceeds the "
                 f"model's context {n_ctx}",
                 f"use context lengths <= {n_ctx - extra}",
             )
-        if int(s.answer.shape[0]) < 1:
+        if int(s.answer.shape[0]) < 1 or (answers is not None and int(answers[i].shape[0]) < 1):
             raise WorkbenchError(f"sample {i}: empty answer", "give real_needle some text")
 
 

@@ -21,6 +21,13 @@ class RetrievalParams:
             "fast: teacher-forced, one forward over the answer tokens"
         },
     )
+    fast_answer: Literal["real_needle", "needle"] = field(
+        default="real_needle",
+        metadata={
+            "help": "fast mode: teacher-force real_needle (the task's answer) or the whole "
+            "needle sentence (what instruct models often repeat)"
+        },
+    )
     max_new_tokens: int = field(
         default=48, metadata={"help": "faithful mode: most tokens generated per sample"}
     )
