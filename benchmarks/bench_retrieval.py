@@ -11,7 +11,9 @@ stable setting to compare the two modes with.
 
 1. ``--depths`` samples (evenly spaced depths of one haystack) at ``--length`` tokens, both
    modes in this process (a warm-up forward first): times, ratio (target >= 3), top-10 overlap
-   (target >= 9/10) and Spearman rank correlation over all heads (target >= 0.9).
+   (target >= 9/10) and Spearman rank correlation over all heads (target >= 0.9), for the fast
+   mode forced with ``real_needle`` and with the whole needle sentence; and the faithful mode
+   without the shared-prefix KV cache (its speed-up, and whether the scores are identical).
 2. Fast mode on one ``--rss-length``-token sample in a child process; its peak RSS
    (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``, target <= 3 GB).
 Prints both sides and their ratios; asserts nothing.
@@ -63,6 +65,7 @@ def compare(model_name: str, length: int, n_depths: int) -> None:
         "fast": RetrievalParams(mode="fast"),
         "fast/needle": RetrievalParams(mode="fast", fast_answer="needle"),
         "faithful": RetrievalParams(mode="faithful"),
+        "faithful/no-reuse": RetrievalParams(mode="faithful", reuse_prefix=False),
     }
     out, secs = {}, {}
     for name, params in variants.items():
@@ -85,6 +88,13 @@ def compare(model_name: str, length: int, n_depths: int) -> None:
               f"top-10 overlap {len(top[0] & top[1])}/10 (target >= 9), "
               f"Spearman over all {fast.size} heads {spearman(fast, faithful):.3f} "
               "(target >= 0.9)")  # fmt: skip
+    diff = np.abs(
+        out["faithful"].head_metrics["retrieval_score"].mean
+        - out["faithful/no-reuse"].head_metrics["retrieval_score"].mean
+    ).max()
+    print(f"shared-prefix KV reuse: faithful {secs['faithful/no-reuse']:.1f} s without, "
+          f"{secs['faithful']:.1f} s with ({secs['faithful/no-reuse'] / secs['faithful']:.2f}x), "
+          f"max abs score difference {diff:.2g}")  # fmt: skip
     n_heads = model.n_heads
     names = [f"L{i // n_heads}H{i % n_heads}" for i in np.argsort(-faithful)[:10]]
     print(f"faithful top-10: {' '.join(names)}")

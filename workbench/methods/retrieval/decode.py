@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
 
 
+@torch.no_grad()
 def forward_step(
     model: LoadedModel, ids: Int[Tensor, " pos"], cache: Any | None, keep: int = 1
 ) -> tuple[Float[Tensor, "keep vocab"], Any]:
@@ -100,22 +101,21 @@ def prefilled(
     order = processing_order(samples)
     base_ids: Tensor | None = None
     base_cache: Any = None
-    with torch.no_grad():
-        for pos, i in enumerate(order):
-            ctx = samples[i].context
-            share = 0
-            if reuse and pos + 1 < len(order):
-                share = min(_lcp(ctx, samples[order[pos + 1]].context), int(ctx.shape[0]) - 1)
-            if base_ids is not None and _lcp(ctx, base_ids) < int(base_ids.shape[0]):
-                base_ids, base_cache = None, None
-            have = 0 if base_ids is None else int(base_ids.shape[0])
-            if share > have:
-                _, base_cache = _extend(model, ctx[have:share], base_cache, chunk)
-                base_ids, have = ctx[:share], share
-            cache = copy.deepcopy(base_cache) if have else None
-            logits, cache = _extend(model, ctx[have:], cache, chunk)
-            assert logits is not None
-            yield Prefilled(i, cache, logits, have)
+    for pos, i in enumerate(order):
+        ctx = samples[i].context
+        share = 0
+        if reuse and pos + 1 < len(order):
+            share = min(_lcp(ctx, samples[order[pos + 1]].context), int(ctx.shape[0]) - 1)
+        if base_ids is not None and _lcp(ctx, base_ids) < int(base_ids.shape[0]):
+            base_ids, base_cache = None, None
+        have = 0 if base_ids is None else int(base_ids.shape[0])
+        if share > have:
+            _, base_cache = _extend(model, ctx[have:share], base_cache, chunk)
+            base_ids, have = ctx[:share], share
+        cache = copy.deepcopy(base_cache) if have else None
+        logits, cache = _extend(model, ctx[have:], cache, chunk)
+        assert logits is not None
+        yield Prefilled(i, cache, logits, have)
 
 
 class ArgmaxRecorder:
