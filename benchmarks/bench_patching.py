@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n-prompts", type=int, default=8)
     ap.add_argument("--tl-layers", type=int, default=0, help="0: full TL sweep")
-    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--batch-tokens", type=int, default=2048)
     args = ap.parse_args()
 
     torch.set_grad_enabled(False)

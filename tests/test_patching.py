@@ -50,6 +50,24 @@ def test_resume_equals_full_forward(load, name):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_last_block_for_the_final_query_only(load, name):
+    """The last block run for the final query (keys and values of the other positions from a run
+    stopped at the cache update) gives the whole block's final logits, suffix-only or not."""
+    model = load(name)
+    for seq_len, start in ((10, 4), (6, 2)):  # tiny-gemma3's window is 8: 10 disables the prefix
+        run = ResumableRun(model, _pairs(seq_len=seq_len, diff_from=start).corrupt)
+        prefix = run.prefix_kv(start)
+        s = start if prefix is not None else 0
+        for layer in range(model.n_layers):
+            rows = {layer: run.resid(layer)[:, s:].repeat(2, 1, 1)}
+            fast = run.run_wave(rows, start=s, prefix=prefix, last_query_only=True)
+            full = run.run_wave(rows, start=s, prefix=prefix, last_query_only=False)
+            torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
+            torch.testing.assert_close(fast, run.final_logits.repeat(2, 1), atol=1e-5, rtol=0)
+        assert run.last_query_ok  # the model called the cache: no fallback to the whole block
+
+
+@pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_fast_equals_reference(load, name, component):
     """Every component, both directions, per position on/off: fast == reference (atol 1e-5),

@@ -15,7 +15,9 @@ For a patch at layer ``l`` of the base run (corrupted for denoising, clean for n
    those rows. One block call per layer per wave, instead of one per (layer, chunk).
 3. Only the final position is unembedded: ``logits = unembed(ln_final(x[:, -1]))`` (with the
    final logit soft-cap where the model has one); for logit-difference metrics only the
-   answer columns of ``W_U``.
+   answer columns of ``W_U``. The last block itself runs for the final query only: the keys
+   and values of the other recomputed positions come from a run of that block stopped at its
+   cache update (:class:`CaptureKV`), so their scores, output projection and MLP are skipped.
 4. A wave holds at most ``batch_tokens`` recomputed tokens (rows x positions), which bounds
    memory.
 5. Patches that leave positions ``< f`` unchanged (``f`` = first position where clean and
@@ -26,11 +28,13 @@ For a patch at layer ``l`` of the base run (corrupted for denoising, clean for n
    positions are recomputed (still exact).
 
 Cost (in forwards of the ``n`` prompts through all ``L`` layers): ``sum_patches (L - l) / L *
-(T - f) / T``. Exactness against full forwards: ``tests/test_patching.py``.
+(T - f) / T`` (an upper bound: the last block's saving is not counted). Exactness against full
+forwards: ``tests/test_patching.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -80,19 +84,50 @@ class PrefixKV:
         return torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2)
 
 
-def _suffix(name: str, obj: Any, start: int, seq_len: int) -> Any:
-    """Slice a recorded block argument to query positions ``start..``."""
+def _suffix(name: str, obj: Any, start: int, seq_len: int, stop: int | None = None) -> Any:
+    """Slice a recorded block argument to query positions ``start..stop`` (keys ``..stop``)."""
+    stop = seq_len if stop is None else stop
     if isinstance(obj, tuple):
-        return tuple(_suffix(name, x, start, seq_len) for x in obj)
+        return tuple(_suffix(name, x, start, seq_len, stop) for x in obj)
     if not isinstance(obj, Tensor):
         return obj
     if name in ("position_ids", "cache_position"):
-        return obj[..., start:]
+        return obj[..., start:stop]
     if obj.ndim == 4 and obj.shape[-2:] == (seq_len, seq_len):  # attention mask
-        return obj[..., start:, :]
+        return obj[..., start:stop, :stop]
     if name == "position_embeddings":  # (cos, sin): [batch, pos, rot]
-        return obj[..., start:, :]
+        return obj[..., start:stop, :]
     raise ValueError(f"no suffix rule for block argument {name!r} {tuple(obj.shape)}")
+
+
+class _Captured(Exception):
+    """Raised by :class:`CaptureKV` to stop a block once its keys and values are known."""
+
+
+class CaptureKV:
+    """A cache whose ``update`` records the keys and values the attention computed (after
+    rotary embeddings; behind the base run's prefix if ``prefix`` is given) and stops the block:
+    nothing after it (scores, output projection, MLP) is computed."""
+
+    def __init__(self, prefix: PrefixKV | None) -> None:
+        self.prefix = prefix
+        self.kv: tuple[Tensor, Tensor] | None = None
+
+    def update(self, k: Tensor, v: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        if self.prefix is not None:
+            k, v = self.prefix.update(k, v, layer_idx)
+        self.kv = (k, v)
+        raise _Captured
+
+
+class FixedKV:
+    """A cache that puts given keys and values before the new ones."""
+
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        self.k, self.v = k, v
+
+    def update(self, k: Tensor, v: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return torch.cat([self.k, k], dim=-2), torch.cat([self.v, v], dim=-2)
 
 
 def _tile(obj: Any, n: int, reps: int) -> Any:
@@ -143,8 +178,8 @@ class ResumableRun:
         ]
         try:
             with torch.inference_mode():
-                logits, cache = bridge.run_with_cache(
-                    tokens, prepend_bos=False, names_filter=lambda n: n in names
+                logits, cache = bridge.run_with_cache(  # unembed the final position only
+                    tokens, prepend_bos=False, names_filter=lambda n: n in names, logits_to_keep=1
                 )
         finally:
             for h in handles:
@@ -153,6 +188,7 @@ class ResumableRun:
         self.acts: dict[str, Tensor] = {n: cache[n].clone() for n in names}
         cap = getattr(getattr(bridge, "_driver", None), "underlying_model", None)
         self.softcap = getattr(getattr(cap, "config", None), "final_logit_softcapping", None)
+        self.last_query_ok = True
 
     def prefix_kv(self, start: int) -> tuple[dict[int, Tensor], dict[int, Tensor]] | None:
         """Keys and values of positions ``< start`` per layer from the base run's HF cache, or
@@ -223,34 +259,72 @@ class ResumableRun:
         start: int = 0,
         prefix: tuple[dict[int, Tensor], dict[int, Tensor]] | None = None,
         columns: Tensor | None = None,
+        last_query_only: bool = False,
     ) -> Float[Tensor, "rows cols"]:
         """Rows that join the batch at different layers: ``entries[l]`` (``V_l * n`` rows of
         residual, variant-major) is appended to the batch right before block ``l``; after the
         last block, the final-position logits of all rows in order of entry.
 
         Hooks set by the caller see the whole batch at each block; the rows that entered at
-        block ``l`` are its last ``V_l * n`` rows there.
+        block ``l`` are its last ``V_l * n`` rows there. ``last_query_only`` (no hook at the last
+        block): that block computes the final query only (see :meth:`_last_block_last_query`).
         """
         layers = sorted(entries)
         x: Tensor | None = None
+        last = self.model.n_layers - 1
         with torch.inference_mode():
             for i in range(layers[0], self.model.n_layers):
                 if i in entries:
                     x = entries[i] if x is None else torch.cat([x, entries[i]])
                 assert x is not None
-                reps = int(x.shape[0]) // self.n
-                rest, kw = self.block_args[i]
-                if prefix is not None:
-                    rest = tuple(_suffix("arg", a, start, self.seq_len) for a in rest)
-                    kw = {k: _suffix(k, v, start, self.seq_len) for k, v in kw.items()}
-                    cache = PrefixKV(prefix[0], prefix[1], reps)
-                    rest, kw = _with_cache(self.model, rest, kw, cache)
-                rest = tuple(_tile(a, self.n, reps) for a in rest)
-                kw = {k: _tile(v, self.n, reps) for k, v in kw.items()}
-                out = self.model.bridge.blocks[i](x, *rest, **kw)
-                x = out[0] if isinstance(out, tuple) else out
+                if i == last and last_query_only and x.shape[1] > 1 and self.last_query_ok:
+                    x = self._last_block_last_query(x, start, prefix)
+                    continue
+                x = self._block(i, x, start, prefix, self._cache_for(x, prefix))
             assert x is not None
             return self.unembed_last(x, columns)
+
+    def _cache_for(self, x: Tensor, prefix: Any) -> PrefixKV | None:
+        if prefix is None:
+            return None
+        return PrefixKV(prefix[0], prefix[1], int(x.shape[0]) // self.n)
+
+    def _block(
+        self,
+        i: int,
+        x: Tensor,
+        start: int,
+        prefix: Any,
+        cache: Any,
+        stop: int | None = None,
+    ) -> Tensor:
+        """Block ``i`` on ``x`` (query positions ``start..stop`` of every row) with the recorded
+        arguments sliced to those positions and ``cache`` where the model passes its cache."""
+        reps = int(x.shape[0]) // self.n
+        rest, kw = self.block_args[i]
+        if prefix is not None or stop is not None:
+            rest = tuple(_suffix("arg", a, start, self.seq_len, stop) for a in rest)
+            kw = {k: _suffix(k, v, start, self.seq_len, stop) for k, v in kw.items()}
+        if cache is not None:
+            rest, kw = _with_cache(self.model, rest, kw, cache)
+        rest = tuple(_tile(a, self.n, reps) for a in rest)
+        kw = {k: _tile(v, self.n, reps) for k, v in kw.items()}
+        out = self.model.bridge.blocks[i](x, *rest, **kw)
+        return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
+
+    def _last_block_last_query(self, x: Tensor, start: int, prefix: Any) -> Tensor:
+        """The last block for the final query only: its keys and values at the other recomputed
+        positions come from a run of the block that stops at the cache update (no scores,
+        output projection or MLP for them); the final position then attends to all keys.
+        Falls back to the whole block (and stops trying) if the model never calls the cache."""
+        i, t = self.model.n_layers - 1, self.seq_len
+        capture = CaptureKV(self._cache_for(x, prefix))
+        with contextlib.suppress(_Captured):
+            self._block(i, x[:, :-1], start, prefix, capture, stop=t - 1)
+        if capture.kv is None:
+            self.last_query_ok = False
+            return self._block(i, x, start, prefix, self._cache_for(x, prefix))
+        return self._block(i, x[:, -1:], t - 1, prefix, FixedKV(*capture.kv), stop=t)
 
 
 def _with_cache(
@@ -333,7 +407,13 @@ def fast_sweep(
             entries[layer] = rows
             hooks.append((hook_name(component, layer), _tail_patch(component, local, donor_act)))
         with hooked(base.model.bridge, hooks):
-            logits = base.run_wave(entries, start=start, prefix=prefix, columns=columns)
+            logits = base.run_wave(
+                entries,
+                start=start,
+                prefix=prefix,
+                columns=columns,
+                last_query_only=n_layers - 1 not in entries,
+            )
         values = metric(logits).reshape(len(wave), n)
         for j, key in enumerate(wave):
             out[key] = values[j]

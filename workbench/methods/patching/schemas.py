@@ -37,7 +37,7 @@ class ActivationPatchingParams:
         default="logit_diff", metadata={"help": "metric at the final position"}
     )
     batch_tokens: int = field(
-        default=4096,
+        default=2048,
         metadata={
             "help": "recomputed tokens (patched sequences x positions) per forward; bounds memory"
         },
@@ -80,7 +80,7 @@ class ActivationPatchingParams:
             )
         if self.batch_tokens < 1:
             raise WorkbenchError(
-                "activation_patching: batch_tokens must be >= 1", "set batch_tokens = 4096"
+                "activation_patching: batch_tokens must be >= 1", "set batch_tokens = 2048"
             )
         if any(int(layer) < 0 for layer in self.layers):
             raise WorkbenchError(
