@@ -191,9 +191,18 @@ def _senders(
 
 
 def path_patching(
-    model: LoadedModel, prompts: PromptSet, params: PathPatchingParams
+    model: LoadedModel,
+    prompts: PromptSet,
+    params: PathPatchingParams,
+    *,
+    reference: bool = False,
 ) -> AnalysisOutput:
-    """Path-patching effect of every sender head through the given receivers."""
+    """Path-patching effect of every sender head through the given receivers.
+
+    With the logits as receiver the senders run batched from their own layer
+    (:mod:`path_patching_fast`, one forward's worth per sender at most); ``reference=True``
+    (and head receivers) use the two-pass algorithm, one sender at a time.
+    """
     params.validate()
     receivers = check_receivers(model, params.receivers)  # type: ignore[arg-type]
     first = receiver_layer(model, receivers)
@@ -212,10 +221,21 @@ def path_patching(
 
     mean = np.full((model.n_layers, model.n_heads), np.nan)
     se = np.full_like(mean, np.nan)
-    for s in steps(senders, desc="path patching senders"):
-        logits = path_patch_sender(
-            model, base_tokens, s, receivers, source, base, freeze_mlps=params.freeze_mlps
+    fast = not receivers and not reference
+    if fast:
+        from workbench.methods.path_patching_fast import logits_receiver_sweep
+
+        source_tokens = prompts.clean if denoise else prompts.corrupt
+        swept = logits_receiver_sweep(
+            model, base_tokens, source_tokens, senders, freeze_mlps=params.freeze_mlps
         )
+    for s in senders if fast else steps(senders, desc="path patching senders"):
+        if fast:
+            logits = swept[s]
+        else:
+            logits = path_patch_sender(
+                model, base_tokens, s, receivers, source, base, freeze_mlps=params.freeze_mlps
+            )
         ld = M.logit_diff(logits, prompts.correct, prompts.incorrect)
         M.check_finite("logit_diff", ld)
         v = ld - ld_base if params.metric == "logit_diff" else M.normalise(ld, c_mean, k_mean)
@@ -230,6 +250,7 @@ def path_patching(
             "freeze_mlps": params.freeze_mlps,
             "receivers": LOGITS if not receivers else [list(r) for r in receivers],
             "n_senders": len(senders),
+            "method": "batched_resumed" if fast else "two_pass",
             "clean_logit_diff": c_mean,
             "corrupt_logit_diff": k_mean,
         },
