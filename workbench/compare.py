@@ -142,7 +142,9 @@ def find_counterpart(store: Any, result: Any) -> Any | None:
     if analysis == "activation_patching" and not _exact_is_head_sweep(mine):
         return None
     same = ("direction", "metric", "prepend_bos")
-    rows = store.list_runs(model=result.key["model"], analysis=_PAIR[analysis])
+    rows = store.list_runs(
+        model=result.key["model"], analysis=_PAIR[analysis], task=result.key["task"]
+    )
     for row in rows.itertuples():
         stored = store.get(row.run_id)
         if stored is None:

@@ -208,12 +208,18 @@ def path_patching(
     first = receiver_layer(model, receivers)
     last = max((r[0] for r in receivers), default=model.n_layers)
     senders = _senders(model, params.senders, first, last)
-    clean, clean_logits = run_caches(model, prompts.clean)
-    corrupt, corrupt_logits = run_caches(model, prompts.corrupt)
+    fast = not receivers and not reference
+    if fast:  # the sweep's own resumable runs give the baselines: no extra forwards
+        from workbench.methods.path_patching_fast import base_runs, logits_receiver_sweep
+
+        clean_run, corrupt_run = base_runs(model, prompts, freeze_mlps=params.freeze_mlps)
+        clean_logits, corrupt_logits = clean_run.final_logits, corrupt_run.final_logits
+    else:
+        clean, clean_logits = run_caches(model, prompts.clean)
+        corrupt, corrupt_logits = run_caches(model, prompts.corrupt)
     ld_clean = M.logit_diff(clean_logits, prompts.correct, prompts.incorrect)
     ld_corrupt = M.logit_diff(corrupt_logits, prompts.correct, prompts.incorrect)
     denoise = params.direction == "denoising"
-    source, base = (clean, corrupt) if denoise else (corrupt, clean)
     base_tokens, ld_base = (prompts.corrupt, ld_corrupt) if denoise else (prompts.clean, ld_clean)
     c_mean, k_mean = float(ld_clean.mean()), float(ld_corrupt.mean())
     if params.metric == "norm_logit_diff":
@@ -221,14 +227,11 @@ def path_patching(
 
     mean = np.full((model.n_layers, model.n_heads), np.nan)
     se = np.full_like(mean, np.nan)
-    fast = not receivers and not reference
     if fast:
-        from workbench.methods.path_patching_fast import logits_receiver_sweep
-
-        source_tokens = prompts.clean if denoise else prompts.corrupt
-        swept = logits_receiver_sweep(
-            model, base_tokens, source_tokens, senders, freeze_mlps=params.freeze_mlps
-        )
+        base_run, source_run = (corrupt_run, clean_run) if denoise else (clean_run, corrupt_run)
+        swept = logits_receiver_sweep(base_run, source_run, senders, freeze_mlps=params.freeze_mlps)
+    else:
+        source, base = (clean, corrupt) if denoise else (corrupt, clean)
     for s in senders if fast else steps(senders, desc="path patching senders"):
         if fast:
             logits = swept[s]

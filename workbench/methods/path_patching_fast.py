@@ -20,14 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from workbench.hooks import hook_name, hooked
 from workbench.methods.patching.components import Index
 from workbench.methods.patching.exact import ResumableRun, waves
 from workbench.progress import steps
-from workbench.types import Head
+from workbench.types import Head, PromptSet
 
 if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
@@ -50,23 +50,30 @@ def _freeze(base: Tensor, n: int, patch: Sequence[int] = (), source: Tensor | No
     return fn
 
 
+def base_runs(
+    model: LoadedModel, prompts: PromptSet, *, freeze_mlps: bool = False
+) -> tuple[ResumableRun, ResumableRun]:
+    """The clean and corrupted runs the sweep resumes from (``z``, and ``mlp_out`` when MLPs are
+    frozen, cached); their ``final_logits`` are the baselines."""
+    kinds = ["z", "mlp_out"] if freeze_mlps else ["z"]
+    return ResumableRun(model, prompts.clean, kinds), ResumableRun(model, prompts.corrupt, kinds)
+
+
 def logits_receiver_sweep(
-    model: LoadedModel,
-    base_tokens: Int[Tensor, "batch pos"],
-    source_tokens: Int[Tensor, "batch pos"],
+    base: ResumableRun,
+    source: ResumableRun,
     senders: Sequence[Head],
     *,
     freeze_mlps: bool = False,
     batch_tokens: int = 2048,
 ) -> dict[Head, Float[Tensor, "batch vocab"]]:
-    """Final-position logits of step 2 (= step 3) for every sender (module docstring)."""
+    """Final-position logits of step 2 (= step 3) for every sender (module docstring);
+    ``base`` and ``source`` come from :func:`base_runs`."""
     from workbench.methods.patching.analysis import first_diff_position
 
-    kinds = ["z", "mlp_out"] if freeze_mlps else ["z"]
-    base = ResumableRun(model, base_tokens, kinds)
-    source = ResumableRun(model, source_tokens, ["z"])
+    model = base.model
     n, seq_len, n_layers = base.n, base.seq_len, model.n_layers
-    start = first_diff_position(base_tokens, source_tokens)
+    start = first_diff_position(base.tokens, source.tokens)
     prefix = base.prefix_kv(start) if 0 < start < seq_len else None
     if prefix is None:
         start = 0

@@ -150,6 +150,7 @@ class ResumableRun:
         self, model: LoadedModel, tokens: Int[Tensor, "batch pos"], kinds: Sequence[str] = ()
     ) -> None:
         self.model = model
+        self.tokens = tokens
         self.n = int(tokens.shape[0])
         bridge = model.bridge
         self.seq_len = int(tokens.shape[1])
