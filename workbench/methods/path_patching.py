@@ -41,6 +41,7 @@ from workbench import metrics as M
 from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name, hooked
 from workbench.methods.attribution_schemas import PathPatchingParams
+from workbench.models.backend import fast_linears
 from workbench.progress import steps
 from workbench.types import AnalysisOutput, Head, HeadMetric, PromptSet
 
@@ -212,7 +213,8 @@ def path_patching(
     if fast:  # the sweep's own resumable runs give the baselines: no extra forwards
         from workbench.methods.path_patching_fast import base_runs, logits_receiver_sweep
 
-        clean_run, corrupt_run = base_runs(model, prompts, freeze_mlps=params.freeze_mlps)
+        with fast_linears(model.bridge):  # oneDNN where faster (models.backend)
+            clean_run, corrupt_run = base_runs(model, prompts, freeze_mlps=params.freeze_mlps)
         clean_logits, corrupt_logits = clean_run.final_logits, corrupt_run.final_logits
     else:
         clean, clean_logits = run_caches(model, prompts.clean)
@@ -229,7 +231,10 @@ def path_patching(
     se = np.full_like(mean, np.nan)
     if fast:
         base_run, source_run = (corrupt_run, clean_run) if denoise else (clean_run, corrupt_run)
-        swept = logits_receiver_sweep(base_run, source_run, senders, freeze_mlps=params.freeze_mlps)
+        with fast_linears(model.bridge):
+            swept = logits_receiver_sweep(
+                base_run, source_run, senders, freeze_mlps=params.freeze_mlps
+            )
     else:
         source, base = (clean, corrupt) if denoise else (corrupt, clean)
     for s in senders if fast else steps(senders, desc="path patching senders"):

@@ -36,6 +36,7 @@ from workbench.circuits import select_heads
 from workbench.errors import WorkbenchError
 from workbench.interventions import ablate_heads
 from workbench.methods.validation_schemas import ValidationParams, source_scores
+from workbench.models.backend import on_fast_linears
 from workbench.types import AnalysisOutput, Head, NeedleSet, PromptSet, mean_stderr
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ def _needle_values(
     return np.array([a.recall for a in answers], dtype=np.float64)
 
 
+@on_fast_linears
 def causal_validation(
     model: LoadedModel, prompts: PromptSet | NeedleSet, params: ValidationParams
 ) -> AnalysisOutput:

@@ -22,6 +22,7 @@ for per-layer components, ``pos = -1`` for all positions).
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from workbench.methods.patching.components import KV_COMPONENTS, layer_indices, 
 from workbench.methods.patching.exact import ResumableRun, fast_sweep
 from workbench.methods.patching.reference import reference_sweep
 from workbench.methods.patching.schemas import ActivationPatchingParams
+from workbench.models.backend import fast_linears
 from workbench.types import AnalysisOutput, HeadMetric, PromptSet, mean_stderr
 
 if TYPE_CHECKING:
@@ -100,8 +102,12 @@ def activation_patching(
     denoise = params.direction == "denoising"
     base_tokens, donor_tokens = (corrupt, clean) if denoise else (clean, corrupt)
 
-    clean_run = ResumableRun(model, clean, [comp])
-    corrupt_run = ResumableRun(model, corrupt, [comp])
+    # The fast path's matrix products on oneDNN where faster (same fp32 math); the reference
+    # stays on the default backend.
+    backend = contextlib.nullcontext(0) if reference else fast_linears(model.bridge)
+    with backend as n_fast:
+        clean_run = ResumableRun(model, clean, [comp])
+        corrupt_run = ResumableRun(model, corrupt, [comp])
     base, donor = (corrupt_run, clean_run) if denoise else (clean_run, corrupt_run)
     clean_logits = clean_run.final_logits
 
@@ -146,9 +152,10 @@ def activation_patching(
         start = 0
     else:
         start = first if (skip_prefix or not per_pos) else 0
-        results, sweep_cost, start = fast_sweep(
-            base, donor, comp, todo, col_metric, params.batch_tokens, start=start, columns=cols
-        )
+        with fast_linears(model.bridge):
+            results, sweep_cost, start = fast_sweep(
+                base, donor, comp, todo, col_metric, params.batch_tokens, start=start, columns=cols
+            )
         cost = sweep_cost + 2.0
     computed_keys = set(results)
     if skipped_pos:  # per-position sweeps only: the identical prefix is the base run itself
@@ -210,5 +217,6 @@ def activation_patching(
         "cost_forward_equivalents": round(cost, 3),
         "cost_one_forward_per_index": float(n_indices + 2),
         "method": "reference" if reference else "fast_exact",
+        "linear_backend": "onednn" if n_fast else "default",
     }
     return AnalysisOutput(head_metrics=head_metrics, tables={"grid": grid}, info=info)

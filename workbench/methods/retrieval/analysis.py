@@ -21,6 +21,7 @@ import numpy as np
 from workbench.errors import WorkbenchError
 from workbench.methods.retrieval.decode import check_samples
 from workbench.methods.retrieval.schemas import RetrievalParams
+from workbench.models.backend import on_fast_linears
 from workbench.types import AnalysisOutput, HeadMetric, NeedleSet, mean_stderr
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ def score_samples(
     return faithful_scores(model, prompts.samples, params)
 
 
+@on_fast_linears
 def retrieval_heads(
     model: LoadedModel, prompts: NeedleSet, params: RetrievalParams
 ) -> AnalysisOutput:
