@@ -48,7 +48,7 @@ typecheck: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_foundation.py
-	$(BIN)/python benchmarks/bench_patching.py
+	$(BIN)/python benchmarks/bench_patching.py --tl-onednn
 	$(BIN)/python benchmarks/bench_retrieval.py
 
 # The web app on the default offline model (WORKBENCH_APP_MODEL picks another); local only
