@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from workbench.errors import WorkbenchError
+from workbench.figures import head_heatmap
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -149,38 +150,27 @@ class Atlas:
     def figure(self, column: str | None = None) -> go.Figure:
         """Layer x head heatmap of ``column``; hover: head, value, run id and roles."""
         import numpy as np
-        import plotly.graph_objects as go
+        import pandas as pd
 
         if not self.columns:
             raise WorkbenchError(f"the atlas of {self.model} has no score columns", "run a spec")
         column = column or self.columns[0]
         mat = self.matrix(column)
-        t = self.table.set_index(["layer", "head"])
-        custom = np.empty((*mat.shape, 2), dtype=object)
-        for i, layer in enumerate(mat.index):
-            for j, head in enumerate(mat.columns):
-                row = t.loc[(layer, head)]
-                custom[i, j, 0] = row[f"{column}__run"] or "-"
-                custom[i, j, 1] = row["roles"] or "-"
-        fig = go.Figure(
-            go.Heatmap(
-                z=mat.values,
-                x=[f"H{h}" for h in mat.columns],
-                y=[f"L{layer}" for layer in mat.index],
-                customdata=custom,
-                colorscale="Viridis",
-                colorbar={"title": column.split("@")[0].split(".")[-1]},
-                hovertemplate="%{y}%{x}: %{z:.4f}<br>run %{customdata[0]}"
-                "<br>roles: %{customdata[1]}<extra></extra>",
-            )
-        )
-        fig.update_layout(
+        cells = pd.MultiIndex.from_product([mat.index, mat.columns])
+        rows = self.table.set_index(["layer", "head"]).reindex(cells)
+        pairs = zip(rows[f"{column}__run"], rows["roles"], strict=True)
+        custom = np.array(
+            [[run or "-", roles or "-"] for run, roles in pairs], dtype=object
+        ).reshape(*mat.shape, 2)
+        return head_heatmap(
+            mat,
             title=f"atlas {self.model}: {column}",
-            yaxis={"autorange": "reversed", "title": "layer"},
-            xaxis={"title": "head"},
-            height=min(900, 200 + 18 * self.n_layers),
+            colorbar=column.split("@")[0].split(".")[-1],
+            hovertemplate="%{y}%{x}: %{z:.4f}<br>run %{customdata[0]}"
+            "<br>roles: %{customdata[1]}<extra></extra>",
+            layout={"height": min(900, 200 + 18 * self.n_layers)},
+            customdata=custom,
         )
-        return fig
 
     def summary(self, k: int = 5) -> str:
         lines = [

@@ -1,5 +1,6 @@
-"""Plotly figures of stored tables other than the per-head table (torch-free).
+"""Plotly figures of stored tables (torch-free).
 
+:func:`head_heatmap` draws any ``layer x head`` matrix (per-head results, the atlas, sinks).
 :func:`layer_position_figure` draws a long-form ``grid`` table (``component, layer, pos, value``
 and optionally ``head``), as written by activation and attribution patching, as a
 ``layer x position`` heatmap. Where the grid has one row per head and position, the heads of a
@@ -9,13 +10,45 @@ position only to first order; the title says so).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
+
+
+def head_heatmap(
+    mat: pd.DataFrame,
+    title: str,
+    colorbar: str,
+    hovertemplate: str = "%{y} %{x}: %{z:.4f}<extra></extra>",
+    layout: dict[str, Any] | None = None,
+    **trace: Any,
+) -> go.Figure:
+    """Heatmap of a ``layer x head`` matrix (rows ``L0..``, columns ``H0..``, layer 0 on top);
+    ``trace`` goes to ``go.Heatmap`` (e.g. ``customdata``, ``zmin``), ``layout`` to the figure."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(
+        go.Heatmap(
+            z=mat.values,
+            x=[f"H{h}" for h in mat.columns],
+            y=[f"L{layer}" for layer in mat.index],
+            colorscale="Viridis",
+            hovertemplate=hovertemplate,
+            colorbar={"title": colorbar},
+            **trace,
+        )
+    )
+    fig.update_layout(
+        title=title,
+        yaxis={"autorange": "reversed", "title": "layer"},
+        xaxis={"title": "head"},
+        **(layout or {}),
+    )
+    return fig
 
 
 def grid_components(grid: pd.DataFrame) -> list[str]:

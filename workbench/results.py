@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from workbench.figures import head_heatmap
 from workbench.types import HEAD_TABLE_COLUMNS, AnalysisOutput
 
 if TYPE_CHECKING:
@@ -91,27 +92,13 @@ class AnalysisResult:
 
     def figure(self, metric: str | None = None) -> go.Figure:
         """Layer x head heatmap of one metric, hover giving layer, head and value."""
-        import plotly.graph_objects as go
-
         metric = metric or self.metrics[0]
-        mat = self.matrix(metric)
-        fig = go.Figure(
-            go.Heatmap(
-                z=mat.values,
-                x=[f"H{h}" for h in mat.columns],
-                y=[f"L{layer}" for layer in mat.index],
-                colorscale="Viridis",
-                hovertemplate="%{y} %{x}: %{z:.4f}<extra></extra>",
-                colorbar={"title": metric},
-            )
-        )
-        fig.update_layout(
+        return head_heatmap(
+            self.matrix(metric),
             title=f"{self.key.get('analysis')} / {metric} — {self.key.get('model')} "
             f"({self.key.get('task')}) run {self.run_id}",
-            yaxis={"autorange": "reversed", "title": "layer"},
-            xaxis={"title": "head"},
+            colorbar=metric,
         )
-        return fig
 
     def summary(self, k: int = 5) -> str:
         lines = [

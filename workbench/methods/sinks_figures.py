@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from workbench.figures import head_heatmap
+
 if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
@@ -41,27 +43,15 @@ def sink_rate_figure(positions: pd.DataFrame, domain: str = "all") -> go.Figure:
 
 def sink_share_heatmap(heads: pd.DataFrame, metric: str = "sink_share") -> go.Figure:
     """Layer x head heatmap of a per-head sink metric (default: first-token sink share)."""
-    import plotly.graph_objects as go
-
     rows = heads[heads["metric"] == metric]
     if rows.empty:
         raise KeyError(f"no metric {metric!r}; have {sorted(set(heads['metric']))}")
     mat = rows.pivot(index="layer", columns="head", values="value")
-    fig = go.Figure(
-        go.Heatmap(
-            z=mat.values,
-            x=[f"H{h}" for h in mat.columns],
-            y=[f"L{layer}" for layer in mat.index],
-            zmin=0,
-            zmax=1 if metric.startswith(("sink_share", "dormant_share")) else None,
-            colorscale="Viridis",
-            hovertemplate="%{y} %{x}: %{z:.3f}<extra></extra>",
-            colorbar={"title": metric},
-        )
-    )
-    fig.update_layout(
+    return head_heatmap(
+        mat,
         title=f"{metric} per head",
-        yaxis={"autorange": "reversed", "title": "layer"},
-        xaxis={"title": "head"},
+        colorbar=metric,
+        hovertemplate="%{y} %{x}: %{z:.3f}<extra></extra>",
+        zmin=0,
+        zmax=1 if metric.startswith(("sink_share", "dormant_share")) else None,
     )
-    return fig

@@ -92,22 +92,30 @@ def activation_patching(
     *,
     reference: bool = False,
 ) -> AnalysisOutput:
-    """Patch every index of ``params.component``; see the module docstring."""
+    """Patch every index of ``params.component``; see the module docstring. The fast path's
+    matrix products run on oneDNN where faster (:mod:`workbench.models.backend`, same fp32
+    math); the reference stays on the default backend."""
+    _check_inputs(model, prompts, params)
+    backend = contextlib.nullcontext(0) if reference else fast_linears(model.bridge)
+    with backend as n_fast:
+        out = _activation_patching(model, prompts, params, reference)
+    out.info["linear_backend"] = "onednn" if n_fast else "default"
+    return out
+
+
+def _activation_patching(
+    model: LoadedModel, prompts: PromptSet, params: ActivationPatchingParams, reference: bool
+) -> AnalysisOutput:
     import pandas as pd
 
-    _check_inputs(model, prompts, params)
     comp, metric_name = params.component, params.metric
     clean, corrupt = prompts.clean, prompts.corrupt
     n, seq_len = int(clean.shape[0]), int(clean.shape[1])
     denoise = params.direction == "denoising"
     base_tokens, donor_tokens = (corrupt, clean) if denoise else (clean, corrupt)
 
-    # The fast path's matrix products on oneDNN where faster (same fp32 math); the reference
-    # stays on the default backend.
-    backend = contextlib.nullcontext(0) if reference else fast_linears(model.bridge)
-    with backend as n_fast:
-        clean_run = ResumableRun(model, clean, [comp])
-        corrupt_run = ResumableRun(model, corrupt, [comp])
+    clean_run = ResumableRun(model, clean, [comp])
+    corrupt_run = ResumableRun(model, corrupt, [comp])
     base, donor = (corrupt_run, clean_run) if denoise else (clean_run, corrupt_run)
     clean_logits = clean_run.final_logits
 
@@ -152,10 +160,9 @@ def activation_patching(
         start = 0
     else:
         start = first if (skip_prefix or not per_pos) else 0
-        with fast_linears(model.bridge):
-            results, sweep_cost, start = fast_sweep(
-                base, donor, comp, todo, col_metric, params.batch_tokens, start=start, columns=cols
-            )
+        results, sweep_cost, start = fast_sweep(
+            base, donor, comp, todo, col_metric, params.batch_tokens, start=start, columns=cols
+        )
         cost = sweep_cost + 2.0
     computed_keys = set(results)
     if skipped_pos:  # per-position sweeps only: the identical prefix is the base run itself
@@ -217,6 +224,5 @@ def activation_patching(
         "cost_forward_equivalents": round(cost, 3),
         "cost_one_forward_per_index": float(n_indices + 2),
         "method": "reference" if reference else "fast_exact",
-        "linear_backend": "onednn" if n_fast else "default",
     }
     return AnalysisOutput(head_metrics=head_metrics, tables={"grid": grid}, info=info)
