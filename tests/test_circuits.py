@@ -164,12 +164,13 @@ def test_minimal_faithful_search_finds_the_first_crossing(monkeypatch):
     curve = {0: 0.0, 1: 0.1, 2: 0.3, 3: 0.85, 4: 0.9, 5: 0.2, 6: 0.3, 7: 0.5, 8: 1.0}
     calls: list[int] = []
 
-    def fake_metric(model, prompts, keep, *, reference="clean"):
+    def fake_metric(model, prompts, keep, *, reference="clean", reference_acts=None):
         calls.append(len(keep))
         return curve[len(keep)]
 
     monkeypatch.setattr(cf, "circuit_metric", fake_metric)
     monkeypatch.setattr(cf, "baselines", lambda *a, **k: cf.Baselines(1.0, 0.0))
+    monkeypatch.setattr(cf, "reference_activations", lambda *a, **k: {})
     model = SimpleNamespace(n_layers=2, n_heads=4)
     scores = np.arange(8.0).reshape(2, 4)
     res = cf.minimal_faithful(model, None, scores, share=0.8)

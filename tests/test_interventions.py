@@ -10,7 +10,12 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name, hooked
-from workbench.interventions import ablate_heads, patch_activation, resample_sources
+from workbench.interventions import (
+    ablate_heads,
+    patch_activation,
+    reference_z,
+    resample_sources,
+)
 from workbench.tasks import build_task
 from workbench.types import Head, PromptSet
 
@@ -100,6 +105,27 @@ def test_mean_ablation_equals_a_plain_hook_with_the_reference_mean(load):
     ):
         over_pos = _logits(model, tokens[:, :-2])  # any length works when averaging positions
     assert over_pos.shape[1] == tokens.shape[1] - 2
+
+
+@pytest.mark.parametrize("how", ["mean", "resample"])
+def test_reference_activations_computed_once_equal_the_tokens_forward(load, how):
+    """``reference_acts`` from :func:`reference_z` gives the same ablation as passing the
+    reference tokens (which runs their forward on entry); missing layers are an error."""
+    model = load("tiny-llama")
+    ps = _tokens(model, n=4)
+    heads = [Head(0, 1), Head(1, 2)]
+    acts = reference_z(model, ps.clean)
+    assert sorted(acts) == list(range(model.n_layers))
+    with ablate_heads(model, heads, how, reference_tokens=ps.clean, seed=3):
+        expected = _logits(model, ps.corrupt)
+    with ablate_heads(model, heads, how, reference_acts=acts, seed=3):
+        got = _logits(model, ps.corrupt)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    with (
+        pytest.raises(WorkbenchError, match=r"lack the ablated layers \[1\]"),
+        ablate_heads(model, heads, how, reference_acts={0: acts[0]}),
+    ):
+        pass
 
 
 def test_resample_is_seeded_and_equals_patching_in_another_prompts_z(load):

@@ -18,7 +18,8 @@ values, before ``W_O``; per *query* head, also under grouped-query attention):
   value); input prompt ``i`` uses reference row ``src(i mod n_ref)``.
 
 The reference activations are computed once, on entry, with one forward pass over
-``reference_tokens`` and no intervention.
+``reference_tokens`` and no intervention; code that ablates many head sets against the same
+reference computes them once with :func:`reference_z` and passes them as ``reference_acts``.
 """
 
 from __future__ import annotations
@@ -61,10 +62,12 @@ def _check_heads(model: LoadedModel, heads: Iterable[Head]) -> list[Head]:
     return sorted(set(out))
 
 
-def _reference_z(
-    model: LoadedModel, tokens: Int[Tensor, "batch pos"], layers: Sequence[int]
+def reference_z(
+    model: LoadedModel, tokens: Int[Tensor, "batch pos"], layers: Sequence[int] | None = None
 ) -> dict[int, Tensor]:
-    """``hook_z`` of ``layers`` on ``tokens``, one clean forward pass (no intervention)."""
+    """``hook_z`` of ``layers`` (all by default) on ``tokens``, one clean forward pass (no
+    intervention): the ``reference_acts`` of :func:`ablate_heads`."""
+    layers = range(model.n_layers) if layers is None else layers
     store: dict[int, Tensor] = {}
 
     def make(layer: int) -> Any:
@@ -97,8 +100,10 @@ def ablate_heads(
     reference_tokens: Int[Tensor, "ref pos"] | None = None,
     seed: int = 0,
     mean_over_positions: bool = False,
+    reference_acts: dict[int, Tensor] | None = None,
 ) -> Iterator[Any]:
-    """Ablate ``heads`` (any set, across layers) for the duration of the block (module doc)."""
+    """Ablate ``heads`` (any set, across layers) for the duration of the block (module doc).
+    ``reference_acts`` (from :func:`reference_z`) stands in for ``reference_tokens``' forward."""
     if how not in ABLATIONS:
         raise WorkbenchError(f"unknown ablation '{how}'", f"choose from {', '.join(ABLATIONS)}")
     chosen = _check_heads(model, heads)
@@ -106,17 +111,25 @@ def ablate_heads(
     for h in chosen:
         by_layer.setdefault(h.layer, []).append(h.head)
     ref: dict[int, Tensor] = {}
-    if how != "zero":
+    n_ref = 1
+    if how != "zero" and reference_acts is not None:
+        missing = sorted(set(by_layer) - set(reference_acts))
+        if missing:
+            raise WorkbenchError(
+                f"reference_acts lack the ablated layers {missing}",
+                "compute them with reference_z(model, tokens) (all layers by default)",
+            )
+        ref = reference_acts
+        n_ref = int(next(iter(ref.values())).shape[0]) if ref else 1
+    elif how != "zero":
         if reference_tokens is None or reference_tokens.ndim != 2 or reference_tokens.shape[0] < 1:
             raise WorkbenchError(
                 f"{how} ablation needs reference_tokens of shape [batch, pos]",
                 "pass reference_tokens=prompts.clean (or another batch of the same task)",
             )
-        ref = _reference_z(model, reference_tokens, sorted(by_layer))
-    src = None
-    if how == "resample":
-        assert reference_tokens is not None
-        src = resample_sources(int(reference_tokens.shape[0]), seed)
+        ref = reference_z(model, reference_tokens, sorted(by_layer))
+        n_ref = int(reference_tokens.shape[0])
+    src = resample_sources(n_ref, seed) if how == "resample" else None
 
     def make(layer: int, idx: list[int]) -> Any:
         def hook(z: Tensor, hook: Any) -> Tensor:

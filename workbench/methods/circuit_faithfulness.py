@@ -12,15 +12,15 @@ ABC); ``reference="clean"`` takes the mean over the clean prompts, which keeps t
 so 1 means the circuit alone keeps the full logit difference and 0 that it keeps no more than
 ablating every head. ``M(all heads)`` is the unablated model; ``M({})`` ablates all heads.
 
-:func:`minimal_faithful` orders heads by a per-head score (``|score|`` with ``absolute``) and
-finds the smallest ``k`` whose top-``k`` set reaches ``faithfulness >= share``: doubling
-``k = 1, 2, 4, ...`` up to the first ``k`` that reaches it, then bisection between that ``k`` and
-the one before (about ``2 log2 k`` measurements, two forwards each). This assumes faithfulness
-grows with ``k`` along the score order; it need not (on SmolLM2 IOI, mean-ablating all but the
-top 14 heads keeps more of the logit difference than keeping the top 135), so every measured
-``(k, faithfulness)`` is returned, and the returned ``k`` was measured to reach the share with
-``k - 1`` measured not to (or ``k = 1``). Doubling from small ``k`` finds the first crossing;
-a bisection over ``[0, N]`` can jump past it.
+:func:`minimal_faithful` orders heads by a per-head score (``|score|`` with ``absolute``) and finds
+the smallest ``k`` whose top-``k`` set reaches ``faithfulness >= share``: doubling ``k = 1, 2, 4,
+...`` up to the first ``k`` that reaches it, then bisection between that ``k`` and the one before
+(about ``2 log2 k`` measurements, one forward each after one reference forward that all share). This
+assumes faithfulness grows with ``k`` along the score order; it need not (on SmolLM2 IOI,
+mean-ablating all but the top 14 heads keeps more of the logit difference than keeping the top 135),
+so every measured ``(k, faithfulness)`` is returned, and the returned ``k`` was measured to reach
+the share with ``k - 1`` measured not to (or ``k = 1``). Doubling from small ``k`` finds the first
+crossing; a bisection over ``[0, N]`` can jump past it.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from workbench import metrics as M
 from workbench.circuits import run_scores, select_heads
 from workbench.errors import WorkbenchError
-from workbench.interventions import ablate_heads
+from workbench.interventions import ablate_heads, reference_z
 from workbench.types import Circuit, Derivation, Head, PromptSet, canonical_json
 
 if TYPE_CHECKING:
@@ -53,8 +54,10 @@ def circuit_metric(
     keep: Sequence[Head],
     *,
     reference: Reference = "corrupt",
+    reference_acts: dict[int, Tensor] | None = None,
 ) -> float:
-    """``M(keep)``: mean clean logit difference with every head outside ``keep`` mean-ablated."""
+    """``M(keep)``: mean clean logit difference with every head outside ``keep`` mean-ablated
+    (``reference_acts``: :func:`reference_activations`, computed once for many calls)."""
     keep_set = set(keep)
     others = [
         Head(la, h)
@@ -63,7 +66,12 @@ def circuit_metric(
         if Head(la, h) not in keep_set
     ]
     ref = prompts.clean if reference == "clean" else prompts.corrupt
-    with torch.no_grad(), ablate_heads(model, others, "mean", reference_tokens=ref) as bridge:
+    with (
+        torch.no_grad(),
+        ablate_heads(
+            model, others, "mean", reference_tokens=ref, reference_acts=reference_acts
+        ) as bridge,
+    ):
         logits = bridge(prompts.clean, prepend_bos=False)[:, -1]
     return float(M.logit_diff(logits, prompts.correct, prompts.incorrect).double().mean())
 
@@ -84,13 +92,25 @@ class Baselines:
         return (value - self.ablated) / span
 
 
-def baselines(
+def reference_activations(
     model: LoadedModel, prompts: PromptSet, reference: Reference = "corrupt"
+) -> dict[int, Tensor]:
+    """Every layer's ``hook_z`` on the reference prompts: the mean-ablation values of
+    :func:`circuit_metric`, one forward for any number of measured circuits."""
+    return reference_z(model, prompts.clean if reference == "clean" else prompts.corrupt)
+
+
+def baselines(
+    model: LoadedModel,
+    prompts: PromptSet,
+    reference: Reference = "corrupt",
+    reference_acts: dict[int, Tensor] | None = None,
 ) -> Baselines:
     with torch.no_grad():
         logits = model.bridge(prompts.clean, prepend_bos=False)[:, -1]
     full = float(M.logit_diff(logits, prompts.correct, prompts.incorrect).double().mean())
-    return Baselines(full, circuit_metric(model, prompts, [], reference=reference))
+    ablated = circuit_metric(model, prompts, [], reference=reference, reference_acts=reference_acts)
+    return Baselines(full, ablated)
 
 
 def faithfulness(
@@ -101,8 +121,11 @@ def faithfulness(
     reference: Reference = "corrupt",
 ) -> float:
     """Measured faithfulness of the head set ``heads`` (module docstring)."""
-    base = baselines(model, prompts, reference)
-    return base.faithfulness(circuit_metric(model, prompts, heads, reference=reference))
+    acts = reference_activations(model, prompts, reference)
+    base = baselines(model, prompts, reference, acts)
+    return base.faithfulness(
+        circuit_metric(model, prompts, heads, reference=reference, reference_acts=acts)
+    )
 
 
 @dataclass(frozen=True)
@@ -137,13 +160,14 @@ def minimal_faithful(
             "pass per-head scores of this model",
         )
     order = select_heads(s, "top_k", k=int(np.isfinite(s).sum()), absolute=absolute)
-    base = baselines(model, prompts, reference)
+    acts = reference_activations(model, prompts, reference)
+    base = baselines(model, prompts, reference, acts)
     measured: dict[int, float] = {}
 
     def f(k: int) -> float:
         if k not in measured:
             measured[k] = base.faithfulness(
-                circuit_metric(model, prompts, order[:k], reference=reference)
+                circuit_metric(model, prompts, order[:k], reference=reference, reference_acts=acts)
             )
         return measured[k]
 

@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from workbench import metrics as M
 from workbench.circuits import select_heads
 from workbench.errors import WorkbenchError
-from workbench.interventions import ablate_heads
+from workbench.interventions import ablate_heads, reference_z
 from workbench.methods.validation_schemas import ValidationParams, source_scores
 from workbench.models.backend import on_fast_linears
 from workbench.types import AnalysisOutput, Head, NeedleSet, PromptSet, mean_stderr
@@ -54,13 +55,32 @@ def random_sets(n_layers: int, n_heads: int, k: int, seeds: Sequence[int]) -> li
     return out
 
 
+Reference = tuple[Tensor, dict[int, Tensor] | None]
+
+
+def _reference(
+    model: LoadedModel, prompts: PromptSet | NeedleSet, params: ValidationParams
+) -> Reference:
+    """The reference tokens of mean / resample ablation and their ``hook_z`` (one forward,
+    shared by every ablated set; None for zero ablation)."""
+    tokens = prompts.clean if isinstance(prompts, PromptSet) else prompts.samples[0].context[None]
+    return tokens, None if params.ablation == "zero" else reference_z(model, tokens)
+
+
 def _prompt_values(
-    model: LoadedModel, prompts: PromptSet, heads: list[Head], params: ValidationParams
+    model: LoadedModel,
+    prompts: PromptSet,
+    heads: list[Head],
+    params: ValidationParams,
+    reference: Reference,
 ) -> np.ndarray:
     values = []
+    tokens, acts = reference
     with (
         torch.no_grad(),
-        ablate_heads(model, heads, params.ablation, reference_tokens=prompts.clean) as bridge,
+        ablate_heads(
+            model, heads, params.ablation, reference_tokens=tokens, reference_acts=acts
+        ) as bridge,
     ):
         for start in range(0, prompts.n, params.batch_size):
             sl = slice(start, start + params.batch_size)
@@ -70,13 +90,22 @@ def _prompt_values(
 
 
 def _needle_values(
-    model: LoadedModel, prompts: NeedleSet, heads: list[Head], params: ValidationParams
+    model: LoadedModel,
+    prompts: NeedleSet,
+    heads: list[Head],
+    params: ValidationParams,
+    reference: Reference,
 ) -> np.ndarray:
     from workbench.methods.retrieval.decode import greedy_answers
 
-    ref = prompts.samples[0].context[None]
+    tokens, acts = reference
     with ablate_heads(
-        model, heads, params.ablation, reference_tokens=ref, mean_over_positions=True
+        model,
+        heads,
+        params.ablation,
+        reference_tokens=tokens,
+        reference_acts=acts,
+        mean_over_positions=True,
     ):
         answers = greedy_answers(model, prompts.samples, max_new_tokens=params.max_new_tokens)
     return np.array([a.recall for a in answers], dtype=np.float64)
@@ -113,11 +142,12 @@ def causal_validation(
     else:
         raise WorkbenchError(f"causal_validation cannot run on {prompts!r}", "use a known task")
     ranked = select_heads(scores, "top_k", k=max(params.ks), absolute=params.absolute)
+    reference = _reference(model, prompts, params)
     seeds = [params.seed + i for i in range(params.n_random)]
     rows: list[dict[str, Any]] = []
 
     def add(k: int, which: str, seed: int | None, heads: list[Head]) -> None:
-        values = evaluate(model, prompts, heads, params)  # type: ignore[arg-type]
+        values = evaluate(model, prompts, heads, params, reference)  # type: ignore[arg-type]
         mean, stderr = mean_stderr(values)
         rows.append(
             {
