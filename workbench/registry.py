@@ -35,6 +35,9 @@ class Analysis:
     task_kind: str = "prompts"  # "prompts" (PromptSet) or "needle" (NeedleSet)
     version: str = "1"
     reference: str = ""
+    checks: tuple[str, ...] = ()
+    """Self-checks of library internals its fast paths rely on (``models.selfcheck.CHECKS``):
+    run before it computes, and a recorded failure keeps its stored results from being served."""
 
     def load(self) -> Callable[..., Any]:
         fn = getattr(importlib.import_module(self.module), self.function)
@@ -124,6 +127,7 @@ register(
         module="workbench.methods.path_patching",
         function="path_patching",
         default_task="ioi",
+        checks=("resume",),
         reference="Wang et al. 2022 (IOI); Goldowsky-Dill et al. 2023",
     )
 )
@@ -136,6 +140,7 @@ register(
         module="workbench.methods.patching",
         function="activation_patching",
         default_task="ioi",
+        checks=("resume",),
         reference="Wang et al. 2022; Heimersheim & Nanda 2024; TransformerLens patching",
     )
 )
@@ -161,6 +166,7 @@ register(
         function="retrieval_heads",
         default_task="needle",
         task_kind="needle",
+        checks=("kv_cache",),
         reference="Wu et al. 2024 (Retrieval Head Mechanistically Explains Long-Context "
         "Factuality)",
     )
@@ -175,6 +181,7 @@ register(
         function="causal_validation",
         default_task="needle",
         task_kind="any",
+        checks=("kv_cache",),
         reference="Wu et al. 2024 (masking retrieval heads); Wang et al. 2022 (ablation)",
     )
 )

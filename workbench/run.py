@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from workbench import __version__
 from workbench import params as P
 from workbench.errors import WorkbenchError
+from workbench.provenance import library_versions
 from workbench.registry import Analysis, get_analysis
 from workbench.results import AnalysisResult, head_table
 from workbench.types import RunKey
@@ -68,6 +69,7 @@ class RunRequest:
         analysis, parsed, task, task_params = self.resolve()
         fp = model_fingerprint or fingerprint(self.model)
         params = {**P.to_dict(parsed), "prepend_bos": _bos_key(self.prepend_bos)}
+        libraries = {k: v for k, v in library_versions().items() if k != "workbench"}
         return RunKey(
             model=self.model,
             model_fingerprint=fp,
@@ -76,6 +78,17 @@ class RunRequest:
             task=task,
             data_hash=recipe_hash(task, task_params),
             code_version=f"{__version__}+{analysis.name}.{analysis.version}",
+            libraries=libraries,
+        )
+
+    def refuse_if_checks_failed(self, key: RunKey) -> None:
+        """One-line error, before the store is asked, when a self-check this analysis relies
+        on failed for the model under these library versions (``models.selfcheck``)."""
+        from workbench.models.selfcheck import refuse_if_failed
+
+        analysis = get_analysis(self.analysis)
+        refuse_if_failed(
+            analysis.name, key.model, dict(key.libraries), key.model_fingerprint, analysis.checks
         )
 
 
@@ -113,10 +126,12 @@ def _with_bos(model: LoadedModel, prepend_bos: bool | None) -> LoadedModel:
 
 def compute(request: RunRequest, model: LoadedModel, key: RunKey) -> tuple[dict[str, Any], dict]:
     """Build the prompts, run the analysis function, and return (tables, manifest facts)."""
+    from workbench.models.selfcheck import require
     from workbench.tasks import build_task
 
     analysis, parsed, task, task_params = request.resolve()
     model = _with_bos(model, request.prepend_bos)
+    checks = require(model, *analysis.checks)  # before anything is computed or stored
     t0 = time.perf_counter()
     prompts = build_task(task, model.codec, task_params)
     _check_prompts(prompts, model)
@@ -137,6 +152,8 @@ def compute(request: RunRequest, model: LoadedModel, key: RunKey) -> tuple[dict[
         "prompt_seconds": t1 - t0,
         "analysis_seconds": t2 - t1,
     }
+    if checks:
+        info.setdefault("self_checks", checks)
     return tables, info
 
 
@@ -184,6 +201,7 @@ def run_analysis(
     )
     fp = None if isinstance(model, str) else model.fingerprint
     key = request.key(fp)
+    request.refuse_if_checks_failed(key)
     stored = store.get_or_compute(key, lambda: compute(request, pool.get(name), key))
     if not stored.from_store:
         from workbench.compare import record_agreement

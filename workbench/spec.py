@@ -151,6 +151,7 @@ def run_spec(
         bar.set_postfix_str(f"{req.analysis} {req.model} {key.task}")
         t0 = time.perf_counter()
         status = "stored"
+        req.refuse_if_checks_failed(key)
         if not store.has(key.run_id):
             from workbench.run import ModelPool, compute
 

@@ -95,6 +95,9 @@ class RunKey:
     - ``analysis``: registry name; ``params``: canonical (defaults filled in) parameters
     - ``data_hash``: hash of the prompt recipe (task, its parameters, shipped data files)
     - ``code_version``: the workbench version (and the analysis's own version)
+    - ``libraries``: versions of the libraries whose internals the computation relies on
+      (torch, transformers, transformer-lens; ``workbench.provenance``); empty for records
+      derived from other runs without a model
     """
 
     model: str
@@ -104,17 +107,19 @@ class RunKey:
     task: str
     data_hash: str
     code_version: str
+    libraries: Mapping[str, str] = field(default_factory=dict)
 
     def canonical(self) -> str:
-        return canonical_json(
-            {
-                "model_fingerprint": self.model_fingerprint,
-                "analysis": self.analysis,
-                "params": dict(self.params),
-                "data_hash": self.data_hash,
-                "code_version": self.code_version,
-            }
-        )
+        content: dict[str, Any] = {
+            "model_fingerprint": self.model_fingerprint,
+            "analysis": self.analysis,
+            "params": dict(self.params),
+            "data_hash": self.data_hash,
+            "code_version": self.code_version,
+        }
+        if self.libraries:
+            content["libraries"] = dict(self.libraries)
+        return canonical_json(content)
 
     @property
     def run_id(self) -> str:
@@ -129,6 +134,7 @@ class RunKey:
             "task": self.task,
             "data_hash": self.data_hash,
             "code_version": self.code_version,
+            "libraries": dict(self.libraries),
         }
 
 

@@ -42,6 +42,7 @@ from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name, hooked
 from workbench.methods.attribution_schemas import PathPatchingParams
 from workbench.models.backend import fast_linears
+from workbench.models.selfcheck import require
 from workbench.progress import steps
 from workbench.types import AnalysisOutput, Head, HeadMetric, PromptSet
 
@@ -210,7 +211,9 @@ def path_patching(
     last = max((r[0] for r in receivers), default=model.n_layers)
     senders = _senders(model, params.senders, first, last)
     fast = not receivers and not reference
+    extra: dict[str, Any] = {}
     if fast:  # the sweep's own resumable runs give the baselines: no extra forwards
+        extra["self_checks"] = require(model, "resume")
         from workbench.methods.path_patching_fast import base_runs, logits_receiver_sweep
 
         with fast_linears(model.bridge):  # oneDNN where faster (models.backend)
@@ -232,7 +235,7 @@ def path_patching(
     if fast:
         base_run, source_run = (corrupt_run, clean_run) if denoise else (clean_run, corrupt_run)
         with fast_linears(model.bridge):
-            swept = logits_receiver_sweep(
+            swept, extra["fallbacks"] = logits_receiver_sweep(
                 base_run, source_run, senders, freeze_mlps=params.freeze_mlps
             )
     else:
@@ -261,5 +264,6 @@ def path_patching(
             "method": "batched_resumed" if fast else "two_pass",
             "clean_logit_diff": c_mean,
             "corrupt_logit_diff": k_mean,
+            **extra,
         },
     )

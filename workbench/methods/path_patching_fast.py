@@ -25,7 +25,7 @@ from torch import Tensor
 
 from workbench.hooks import hook_name, hooked
 from workbench.methods.patching.components import Index
-from workbench.methods.patching.exact import ResumableRun, waves
+from workbench.methods.patching.exact import ResumableRun, run_fallbacks, waves
 from workbench.progress import steps
 from workbench.types import Head, PromptSet
 
@@ -66,15 +66,17 @@ def logits_receiver_sweep(
     *,
     freeze_mlps: bool = False,
     batch_tokens: int = 2048,
-) -> dict[Head, Float[Tensor, "batch vocab"]]:
-    """Final-position logits of step 2 (= step 3) for every sender (module docstring);
-    ``base`` and ``source`` come from :func:`base_runs`."""
+) -> tuple[dict[Head, Float[Tensor, "batch vocab"]], dict[str, str]]:
+    """Final-position logits of step 2 (= step 3) for every sender (module docstring), and
+    the slower exact paths it fell back to; ``base`` and ``source`` come from
+    :func:`base_runs`."""
     from workbench.methods.patching.analysis import first_diff_position
 
     model = base.model
     n, seq_len, n_layers = base.n, base.seq_len, model.n_layers
     start = first_diff_position(base.tokens, source.tokens)
     prefix = base.prefix_kv(start) if 0 < start < seq_len else None
+    wanted = start
     if prefix is None:
         start = 0
     by_layer: dict[int, list[Index]] = {}
@@ -101,4 +103,4 @@ def logits_receiver_sweep(
             logits = base.run_wave(entries, start=start, prefix=prefix, last_query_only=True)
         for j, (layer, ix) in enumerate(wave):
             out[Head(layer, ix.head)] = logits[j * n : (j + 1) * n]
-    return out
+    return out, run_fallbacks(base, wanted, start)

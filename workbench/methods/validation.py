@@ -38,6 +38,7 @@ from workbench.errors import WorkbenchError
 from workbench.interventions import ablate_heads, reference_z
 from workbench.methods.validation_schemas import ValidationParams, source_scores
 from workbench.models.backend import on_fast_linears
+from workbench.models.selfcheck import require
 from workbench.types import AnalysisOutput, Head, NeedleSet, PromptSet, mean_stderr
 
 if TYPE_CHECKING:
@@ -136,8 +137,10 @@ def causal_validation(
         from workbench.methods.retrieval.decode import check_samples
 
         check_samples(model, prompts.samples)
+        checks = require(model, "kv_cache")
         metric, evaluate = "needle_recall", _needle_values
     elif isinstance(prompts, PromptSet):
+        checks = {}
         metric, evaluate = "logit_diff", _prompt_values  # type: ignore[assignment]
     else:
         raise WorkbenchError(f"causal_validation cannot run on {prompts!r}", "use a known task")
@@ -182,6 +185,7 @@ def causal_validation(
             "random_seeds": seeds,
             "top_heads": [str(h) for h in ranked],
             "summary": summarise(table),
+            "self_checks": checks,
         },
     )
 

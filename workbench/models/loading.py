@@ -267,6 +267,9 @@ def _hf_from_hub(hf_name: str) -> tuple[Any, Any]:
 def _boot(entry: ModelEntry, hf_model: Any, tok: Any, device: str | None) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
+    from workbench.models import compat
+
+    compat.install()
     if entry.architectures:
         hf_model.config.architectures = list(entry.architectures)
     keep_tokenizer: Any = contextlib.nullcontext()

@@ -263,6 +263,9 @@ def boot_bridge(hf_model: PreTrainedModel, tokenizer: Any, name: str) -> Transfo
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    from workbench.models import compat
+
+    compat.install()
     with _quiet(), _bos_already_handled(tokenizer):
         bridge = TransformerBridge.boot_transformers(
             name, hf_model=hf_model, tokenizer=tokenizer, device="cpu"

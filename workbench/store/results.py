@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.errors import WorkbenchError
 from workbench.home import workbench_home
+from workbench.provenance import library_versions
 from workbench.store.catalog import LIST_COLUMNS, Catalog, RunRow
 from workbench.store.files import (
     MANIFEST,
@@ -196,6 +197,7 @@ class ResultStore:
                     "rows": {name: len(df) for name, df in clean.items()},
                     "files": files,
                     "workbench_version": _workbench_version(),
+                    "versions": library_versions(),
                     "extra": dict(manifest_extra or {}),
                 }
             )

@@ -32,10 +32,11 @@ from torch import Tensor
 from workbench import metrics as M
 from workbench.errors import WorkbenchError
 from workbench.methods.patching.components import KV_COMPONENTS, layer_indices, n_head_slots
-from workbench.methods.patching.exact import ResumableRun, fast_sweep
+from workbench.methods.patching.exact import ResumableRun, fast_sweep, run_fallbacks
 from workbench.methods.patching.reference import reference_sweep
 from workbench.methods.patching.schemas import ActivationPatchingParams
 from workbench.models.backend import fast_linears
+from workbench.models.selfcheck import require
 from workbench.types import AnalysisOutput, HeadMetric, PromptSet, mean_stderr
 
 if TYPE_CHECKING:
@@ -96,10 +97,13 @@ def activation_patching(
     matrix products run on oneDNN where faster (:mod:`workbench.models.backend`, same fp32
     math); the reference stays on the default backend."""
     _check_inputs(model, prompts, params)
+    checks = {} if reference else require(model, "resume")
     backend = contextlib.nullcontext(0) if reference else fast_linears(model.bridge)
     with backend as n_fast:
         out = _activation_patching(model, prompts, params, reference)
     out.info["linear_backend"] = "onednn" if n_fast else "default"
+    if checks:
+        out.info["self_checks"] = checks
     return out
 
 
@@ -154,16 +158,18 @@ def _activation_patching(
     layers = sorted(set(params.layers)) if params.layers else list(range(model.n_layers))
     todo = {layer: layer_indices(model, comp, per_pos, computed_pos) for layer in layers}
 
+    fallbacks: dict[str, str] = {}
     if reference:
         results = reference_sweep(model, base_tokens, donor_tokens, comp, todo, metric)
         cost = float(sum(len(v) for v in todo.values())) + 2.0
         start = 0
     else:
-        start = first if (skip_prefix or not per_pos) else 0
+        wanted = first if (skip_prefix or not per_pos) else 0
         results, sweep_cost, start = fast_sweep(
-            base, donor, comp, todo, col_metric, params.batch_tokens, start=start, columns=cols
+            base, donor, comp, todo, col_metric, params.batch_tokens, start=wanted, columns=cols
         )
         cost = sweep_cost + 2.0
+        fallbacks = run_fallbacks(base, wanted, start)
     computed_keys = set(results)
     if skipped_pos:  # per-position sweeps only: the identical prefix is the base run itself
         for layer in layers:
@@ -225,4 +231,6 @@ def _activation_patching(
         "cost_one_forward_per_index": float(n_indices + 2),
         "method": "reference" if reference else "fast_exact",
     }
+    if not reference:
+        info["fallbacks"] = fallbacks
     return AnalysisOutput(head_metrics=head_metrics, tables={"grid": grid}, info=info)

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from workbench.hooks import hook_name, hooked
 from workbench.methods.patching.components import Index, patch_mask
+from workbench.models.compat import CACHE_KEYWORDS
 from workbench.progress import steps
 
 if TYPE_CHECKING:
@@ -332,7 +333,7 @@ def _with_cache(
     model: LoadedModel, rest: tuple[Any, ...], kw: dict[str, Any], cache: PrefixKV
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Put ``cache`` where the model passed its own HF cache (a keyword or GPT-2's 2nd arg)."""
-    for name in ("past_key_values", "past_key_value", "layer_past"):
+    for name in CACHE_KEYWORDS:
         if name in kw:
             return rest, {**kw, name: cache}
     if rest and rest[0] is None:
@@ -356,6 +357,25 @@ def _tail_patch(component: str, local: Sequence[Index], donor: Tensor) -> Callab
         return patched if act.shape[0] == new else torch.cat([act[:-new], patched])
 
     return hook
+
+
+def run_fallbacks(base: ResumableRun, wanted_start: int, start: int) -> dict[str, str]:
+    """The slower exact paths a sweep fell back to (recorded in the run's info and printed
+    once per model): all positions recomputed although only ``wanted_start..`` had to be, or
+    the last block run whole."""
+    from workbench.models.selfcheck import note_fallback
+
+    out: dict[str, str] = {}
+    if 0 < wanted_start < base.seq_len and start == 0:
+        out["suffix_resume"] = (
+            f"all positions recomputed, not only {wanted_start}.. (the base run's HF cache "
+            "gave no usable keys and values, e.g. a sliding-window cache shorter than the prompt)"
+        )
+    if not base.last_query_ok:
+        out["last_query"] = "the last block ran whole (the model never called the capture cache)"
+    for what, text in out.items():
+        note_fallback(base.model, what, text)
+    return out
 
 
 def waves(layer_indices: dict[int, list[Index]], per_wave: int) -> list[list[tuple[int, Index]]]:

@@ -22,6 +22,7 @@ from workbench.errors import WorkbenchError
 from workbench.methods.retrieval.decode import check_samples
 from workbench.methods.retrieval.schemas import RetrievalParams
 from workbench.models.backend import on_fast_linears
+from workbench.models.selfcheck import require
 from workbench.types import AnalysisOutput, HeadMetric, NeedleSet, mean_stderr
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ def retrieval_heads(
     answered correctly (module doc; Wu et al. 2024)."""
     import pandas as pd
 
+    checks = require(model, "kv_cache")  # before anything is computed
     scored = score_samples(model, prompts, params)
     per = np.stack([s.score.numpy() for s in scored])  # [sample, layer, head]
     counted = np.array([s.recall > params.recall_threshold for s in scored])
@@ -107,6 +109,7 @@ def retrieval_heads(
         "recall_mean": float(np.mean([s.recall for s in scored])),
         "reused_prefix_tokens": int(sum(s.reused for s in scored)),
         "context_tokens": int(sum(int(s.context.shape[0]) for s in samples)),
+        "self_checks": checks,
     }
     return AnalysisOutput(
         head_metrics={"retrieval_score": HeadMetric(mean, stderr, n)},

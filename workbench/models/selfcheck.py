@@ -1,0 +1,287 @@
+"""Self-checks of the library internals the fast paths rely on, once per model and version set.
+
+Upstream releases change internals without notice (transformers 5.24 made TransformerLens's
+cached decoding silently wrong). So every fast path asks :func:`require` for the checks it
+depends on before it computes anything; each check runs once per (model fingerprint, library
+versions) in a process, and its outcome is also written to
+``$WORKBENCH_HOME/selfchecks/<fingerprint>.json`` so a stored result computed under a version
+set that failed is never served (:func:`failed_for`).
+
+Checks (each compares a fast path with a full forward of the same tokens, on a tiny slice):
+
+- ``kv_cache``: HF KV-cache decoding through the bridge (retrieval heads' prefill, shared
+  prefix copy, greedy decoding; causal validation): prefill 6 tokens, copy the cache, extend by
+  2, then 4 single-token steps; every step's logits equal the full forward's to
+  ``TOL * max(1, max |logit|)``. No exact fallback exists, so a failure is an error.
+- ``resume``: the patching engine's resumed runs (``ResumableRun``: blocks called with the
+  arguments recorded in the base run, hooks by name): a resume at the middle layer, the last
+  block for the final query only, and the suffix-only resume behind the base run's keys and
+  values all equal the base run's logits. The last two have exact slower fallbacks: where the
+  model never calls the cache they stand in for, the fallback is recorded (``facts``) and
+  printed once; where they run but disagree, it is an error.
+
+A failure is one :class:`WorkbenchError` line naming the versions found, the versions in the
+lock and the fix, raised before anything is computed or stored.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workbench.errors import WorkbenchError
+from workbench.home import workbench_home
+from workbench.provenance import library_versions, locked_versions, versions_text
+
+if TYPE_CHECKING:
+    from workbench.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+CHECKS_VERSION = "1"
+"""Bump when a check changes: earlier records are then ignored."""
+
+TOL = 1e-4
+"""Relative tolerance: ``max |fast - full| <= TOL * max(1, max |full logit|)``."""
+
+Facts = dict[str, str]
+
+_lock = threading.Lock()
+_memo: dict[tuple[str, str], Facts] = {}
+_printed: set[tuple[str, str]] = set()
+
+
+class SelfCheckFailed(WorkbenchError):
+    """A fast path's reliance on library internals does not hold in this environment."""
+
+
+def versions_key(versions: dict[str, str] | None = None) -> str:
+    v = library_versions() if versions is None else versions
+    text = json.dumps({**v, "checks": CHECKS_VERSION}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _record_path(fingerprint: str) -> Path:
+    safe = hashlib.sha256(fingerprint.encode()).hexdigest()[:24]
+    return workbench_home() / "selfchecks" / f"{safe}.json"
+
+
+def _read_records(fingerprint: str) -> dict[str, Any]:
+    try:
+        data = json.loads(_record_path(fingerprint).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_record(fingerprint: str, check: str, ok: bool, detail: str) -> None:
+    """Atomic (temp file + rename); a lost race only loses an equivalent record."""
+    path = _record_path(fingerprint)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_records(fingerprint)
+        entry = data.setdefault(versions_key(), {"versions": library_versions(), "checks": {}})
+        entry["checks"][check] = {"ok": ok, "detail": detail}
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home must not stop the check itself
+        log.warning("could not record self-check %s: %s", check, e)
+
+
+def failed_for(fingerprint: str, versions: dict[str, str], checks: tuple[str, ...]) -> str | None:
+    """The detail of a recorded failure of one of ``checks`` for this model and version set
+    (``versions``: as in :func:`workbench.provenance.library_versions`), else None. Torch-free:
+    the runner asks it before serving a stored result."""
+    entry = _read_records(fingerprint).get(versions_key(versions))
+    if not isinstance(entry, dict):
+        return None
+    for name, rec in (entry.get("checks") or {}).items():
+        if name in checks and isinstance(rec, dict) and rec.get("ok") is False:
+            return str(rec.get("detail"))
+    return None
+
+
+def refuse_if_failed(
+    analysis: str,
+    model: str,
+    key_libraries: dict[str, str],
+    fingerprint: str,
+    checks: tuple[str, ...],
+) -> None:
+    """Raise the one-line error when a check ``analysis`` relies on is recorded as failed for
+    this model under these versions: such a result is neither served from the store nor
+    computed."""
+    if not checks:
+        return
+    from workbench import __version__
+
+    detail = failed_for(fingerprint, {**key_libraries, "workbench": str(__version__)}, checks)
+    if detail is not None:
+        locked = locked_versions()
+        raise SelfCheckFailed(
+            f"{analysis} on {model} refused: {detail}; found "
+            f"{versions_text(library_versions())}; the lock has "
+            f"{versions_text(locked) if locked else 'no lock file in this install'}",
+            "reinstall the locked versions (make setup, or pip install --no-deps -r "
+            "requirements.lock), then rerun",
+        )
+
+
+def _failure(model: LoadedModel, check: str, detail: str) -> SelfCheckFailed:
+    found = library_versions()
+    locked = locked_versions()
+    lock_text = versions_text(locked) if locked else "no lock file in this install"
+    return SelfCheckFailed(
+        f"self-check '{check}' failed on {model.name}: {detail}; found {versions_text(found)}; "
+        f"the lock has {lock_text}",
+        "reinstall the locked versions (make setup, or pip install --no-deps -r "
+        "requirements.lock) or report the new upstream release",
+    )
+
+
+def _scale_diff(fast: Any, full: Any) -> tuple[float, float]:
+    diff = float((fast.double() - full.double()).abs().max())
+    return diff, TOL * max(1.0, float(full.abs().max()))
+
+
+def _tokens(model: LoadedModel, rows: int, length: int) -> Any:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(model.cfg.d_vocab)
+    return torch.randint(min(10, vocab - 1), vocab, (rows, length), generator=gen)
+
+
+def check_kv_cache(model: LoadedModel) -> Facts:
+    """Cached decoding equals the full forward (module doc)."""
+    import torch
+
+    from workbench.methods.retrieval.decode import forward_step
+
+    ids = _tokens(model, 1, 12)[0]
+    with torch.no_grad():
+        full = model.bridge(ids[None], prepend_bos=False)[0]
+        _, cache = forward_step(model, ids[:6], None)
+        cache = copy.deepcopy(cache)
+        out, cache = forward_step(model, ids[6:8], cache, keep=2)
+        worst, tol = _scale_diff(out, full[6:8])
+        for t in range(8, 12):
+            out, cache = forward_step(model, ids[t : t + 1], cache)
+            d, _ = _scale_diff(out[-1], full[t])
+            worst = max(worst, d)
+    if not worst <= tol:
+        raise _failure(
+            model,
+            "kv_cache",
+            f"decoding with the KV cache differs from a full forward by {worst:.3g} "
+            f"(tolerance {tol:.2g})",
+        )
+    return {"kv_cache": f"ok (max |diff| {worst:.2g})"}
+
+
+def check_resume(model: LoadedModel) -> Facts:
+    """Resumed runs of the patching engine equal the base run (module doc)."""
+    import torch
+
+    from workbench.methods.patching.exact import ResumableRun
+
+    # Within any sliding window: a window shorter than the prompt is a legitimate fallback of
+    # real prompts (recorded by the sweep), not a property of the library.
+    hf = getattr(getattr(model.bridge, "_driver", None), "underlying_model", None)
+    window = getattr(getattr(hf, "config", None), "sliding_window", None)
+    length = min(10, int(window) - 2) if isinstance(window, int) and window >= 6 else 10
+    tokens = _tokens(model, 2, length)
+    run = ResumableRun(model, tokens)
+    full, mid, start = run.final_logits, model.n_layers // 2, length // 2
+    facts: Facts = {}
+    with torch.inference_mode():
+        d, tol = _scale_diff(run.run_wave({mid: run.resid(mid)}), full)
+        if not d <= tol:
+            raise _failure(
+                model, "resume", f"a run resumed at layer {mid} differs from the full forward by "
+                f"{d:.3g} (tolerance {tol:.2g})"
+            )  # fmt: skip
+        out = run.run_wave({0: run.resid(0)}, last_query_only=True)
+        if not run.last_query_ok:
+            facts["last_query"] = "fallback: the last block runs whole (the model never "
+            facts["last_query"] += "called the cache that captures its keys and values)"
+        else:
+            d, _ = _scale_diff(out, full)
+            if not d <= tol:
+                raise _failure(model, "resume", f"the last-query block differs by {d:.3g}")
+            facts["last_query"] = "ok"
+        prefix = run.prefix_kv(start)
+        if prefix is None:
+            facts["suffix_resume"] = "fallback: all positions are recomputed (the base run's "
+            facts["suffix_resume"] += "HF cache holds no usable keys and values)"
+        else:
+            out = run.run_wave({mid: run.resid(mid)[:, start:]}, start=start, prefix=prefix)
+            d, _ = _scale_diff(out, full)
+            if not d <= tol:
+                raise _failure(
+                    model, "resume", f"the suffix-only resume differs from the full forward by "
+                    f"{d:.3g} (its prefix keys and values were not used?)"
+                )  # fmt: skip
+            facts["suffix_resume"] = "ok"
+    return facts
+
+
+CHECKS: dict[str, Callable[[LoadedModel], Facts]] = {
+    "kv_cache": check_kv_cache,
+    "resume": check_resume,
+}
+
+
+def require(model: LoadedModel, *checks: str) -> Facts:
+    """Run each named check once per (model fingerprint, library versions); raise
+    :class:`SelfCheckFailed` on a failure, print each fallback once, and return the facts
+    (for the run's info). ``WORKBENCH_SELFCHECK=off`` skips them (never in tests)."""
+    facts: Facts = {}
+    if os.environ.get("WORKBENCH_SELFCHECK", "on").strip().lower() in ("off", "0", "false"):
+        return {"selfcheck": "skipped (WORKBENCH_SELFCHECK=off)"}
+    vkey = versions_key()
+    for name in checks:
+        memo_key = (f"{model.fingerprint}|{name}", vkey)
+        with _lock:
+            known = _memo.get(memo_key)
+        if known is None:
+            try:
+                known = CHECKS[name](model)
+            except SelfCheckFailed as e:
+                _write_record(model.fingerprint, name, False, e.problem)
+                raise
+            _write_record(model.fingerprint, name, True, json.dumps(known))
+            with _lock:
+                _memo[memo_key] = known
+        facts.update(known)
+    for what, text in facts.items():
+        if text.startswith("fallback"):
+            note_fallback(model, what, text)
+    return facts
+
+
+def note_fallback(model: LoadedModel, what: str, text: str) -> None:
+    """Print a fallback to a slower exact path once per model and kind (it is also recorded
+    in the run's info by the caller)."""
+    key = (model.fingerprint, what)
+    with _lock:
+        if key in _printed:
+            return
+        _printed.add(key)
+    log.warning("%s on %s: %s", what, model.name, text)
+
+
+def clear_memo() -> None:
+    """Forget in-process outcomes (tests)."""
+    with _lock:
+        _memo.clear()
+        _printed.clear()
