@@ -33,8 +33,10 @@ def main(pins: list[str]) -> None:
                 hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())
             )
             lines.append(f"{pin} \\")
-            lines += [f"    --hash=sha256:{h}" + (" \\" if i < len(hashes) - 1 else "")
-                      for i, h in enumerate(hashes)]
+            lines += [
+                f"    --hash=sha256:{h}" + (" \\" if i < len(hashes) - 1 else "")
+                for i, h in enumerate(hashes)
+            ]
     print("\n".join(lines))
 
 

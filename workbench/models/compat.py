@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Any
 
 CACHE_KEYWORDS = ("past_key_values", "past_key_value", "layer_past", "cache")
@@ -58,6 +59,11 @@ def install() -> list[str]:
         return []
     if not getattr(method, _MARK, False):
         cls._update_kv_cache = _wrap_update_kv_cache(method)  # type: ignore[method-assign]
+        # The bridge itself passes `past_key_values` to the HF model on every cached step; on
+        # 5.24 each call warns that the name is deprecated. Only that warning is silenced.
+        warnings.filterwarnings(
+            "ignore", message=r"`past_key_values` is deprecated", category=FutureWarning
+        )
     return ["cache_kwarg"]
 
 
