@@ -43,7 +43,8 @@ def broken_cache(monkeypatch, home):
 
 @pytest.mark.parametrize("name", TINY)
 def test_checks_pass_on_the_installed_versions(load, home, name):
-    facts = selfcheck.require(load(name), "kv_cache", "resume")
+    facts = selfcheck.require(load(name), "hooks", "kv_cache", "resume")
+    assert facts["hooks"] == "ok"
     assert facts["kv_cache"].startswith("ok")
     assert facts["last_query"] == "ok"
     assert facts["suffix_resume"] == "ok"  # no fallback on the locked versions

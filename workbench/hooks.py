@@ -38,6 +38,8 @@ _LAYER_HOOKS = {
     "scores": "blocks.{l}.attn.hook_attn_scores",
 }
 
+HOOK_KINDS: tuple[str, ...] = tuple(_LAYER_HOOKS)
+
 
 def hook_name(kind: str, layer: int) -> str:
     """The bridge hook name of ``kind`` at ``layer`` (see the module table)."""

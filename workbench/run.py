@@ -131,12 +131,13 @@ def compute(request: RunRequest, model: LoadedModel, key: RunKey) -> tuple[dict[
 
     analysis, parsed, task, task_params = request.resolve()
     model = _with_bos(model, request.prepend_bos)
-    checks = require(model, *analysis.checks)  # before anything is computed or stored
+    checks = require(model, "hooks", *analysis.checks)  # before anything is computed or stored
     t0 = time.perf_counter()
     prompts = build_task(task, model.codec, task_params)
     _check_prompts(prompts, model)
     t1 = time.perf_counter()
     output = analysis.load()(model, prompts, parsed)
+    _refuse_nan(output, analysis.name)
     t2 = time.perf_counter()
     tables = dict(output.tables)
     if output.head_metrics:
@@ -155,6 +156,20 @@ def compute(request: RunRequest, model: LoadedModel, key: RunKey) -> tuple[dict[
     if checks:
         info.setdefault("self_checks", checks)
     return tables, info
+
+
+def _refuse_nan(output: Any, analysis: str) -> None:
+    """A per-head metric that is NaN for every head promises numbers it does not hold: a
+    one-line error, so nothing is stored."""
+    import numpy as np
+
+    for name, metric in output.head_metrics.items():
+        mean = np.asarray(metric.mean, dtype=np.float64)
+        if mean.size and np.isnan(mean).all():
+            raise WorkbenchError(
+                f"{analysis}: metric '{name}' is NaN for every head; nothing was stored",
+                "check that the prompts give the analysis something to score",
+            )
 
 
 def _check_prompts(prompts: Any, model: LoadedModel) -> None:

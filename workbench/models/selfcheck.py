@@ -9,6 +9,9 @@ set that failed is never served (:func:`failed_for`).
 
 Checks (each compares a fast path with a full forward of the same tokens, on a tiny slice):
 
+- ``hooks`` (every analysis, run by the runner): each hook kind of :mod:`workbench.hooks`
+  exists on the bridge, fires, and has its documented shape (GQA: ``k`` / ``v`` per KV head);
+  pattern rows sum to one.
 - ``kv_cache``: HF KV-cache decoding through the bridge (retrieval heads' prefill, shared
   prefix copy, greedy decoding; causal validation): prefill 6 tokens, copy the cache, extend by
   2, then 4 single-token steps; every step's logits equal the full forward's to
@@ -235,7 +238,41 @@ def check_resume(model: LoadedModel) -> Facts:
     return facts
 
 
+def check_hooks(model: LoadedModel) -> Facts:
+    """The bridge's hook layout (``workbench.hooks``): every hook kind exists, fires, and has
+    the documented shape; attention patterns are distributions over keys."""
+    import torch
+
+    from workbench.hooks import HOOK_KINDS, hook_name
+
+    tokens = _tokens(model, 2, 6)
+    b, p = tokens.shape
+    d_model, n_h, n_kv = int(model.cfg.d_model), model.n_heads, model.n_kv_heads
+    d_head = int(model.cfg.d_head)
+    want = {
+        "q": (b, p, n_h, d_head), "k": (b, p, n_kv, d_head), "v": (b, p, n_kv, d_head),
+        "z": (b, p, n_h, d_head), "pattern": (b, n_h, p, p), "scores": (b, n_h, p, p),
+    }  # fmt: skip
+    names = {kind: hook_name(kind, 0) for kind in HOOK_KINDS}
+    with torch.inference_mode():
+        _, cache = model.bridge.run_with_cache(
+            tokens, prepend_bos=False, names_filter=lambda n: n in names.values()
+        )
+    for kind, name in names.items():
+        shape = want.get(kind, (b, p, d_model))
+        got = tuple(cache[name].shape) if name in cache else None
+        if got != shape:
+            raise _failure(
+                model, "hooks", f"hook {name} gave shape {got}, the workbench expects {shape}"
+            )
+    rows = cache[names["pattern"]].sum(-1)
+    if not torch.allclose(rows, torch.ones_like(rows), atol=1e-4):
+        raise _failure(model, "hooks", f"{names['pattern']} rows do not sum to one")
+    return {"hooks": "ok"}
+
+
 CHECKS: dict[str, Callable[[LoadedModel], Facts]] = {
+    "hooks": check_hooks,
     "kv_cache": check_kv_cache,
     "resume": check_resume,
 }
