@@ -63,7 +63,10 @@ _printed: set[tuple[str, str]] = set()
 
 
 class SelfCheckFailed(WorkbenchError):
-    """A fast path's reliance on library internals does not hold in this environment."""
+    """A fast path's reliance on library internals does not hold in this environment;
+    ``detail`` says what differed (without the versions, which the message adds)."""
+
+    detail: str = ""
 
 
 def versions_key(versions: dict[str, str] | None = None) -> str:
@@ -143,12 +146,14 @@ def _failure(model: LoadedModel, check: str, detail: str) -> SelfCheckFailed:
     found = library_versions()
     locked = locked_versions()
     lock_text = versions_text(locked) if locked else "no lock file in this install"
-    return SelfCheckFailed(
-        f"self-check '{check}' failed on {model.name}: {detail}; found {versions_text(found)}; "
-        f"the lock has {lock_text}",
+    what = f"self-check '{check}' failed on {model.name}: {detail}"
+    err = SelfCheckFailed(
+        f"{what}; found {versions_text(found)}; the lock has {lock_text}",
         "reinstall the locked versions (make setup, or pip install --no-deps -r "
         "requirements.lock) or report the new upstream release",
     )
+    err.detail = what
+    return err
 
 
 def _scale_diff(fast: Any, full: Any) -> tuple[float, float]:
@@ -294,7 +299,7 @@ def require(model: LoadedModel, *checks: str) -> Facts:
             try:
                 known = CHECKS[name](model)
             except SelfCheckFailed as e:
-                _write_record(model.fingerprint, name, False, e.problem)
+                _write_record(model.fingerprint, name, False, e.detail or e.problem)
                 raise
             _write_record(model.fingerprint, name, True, json.dumps(known))
             with _lock:
