@@ -139,7 +139,7 @@ def test_cli_exit_code_2_and_nothing_stored(broken_cache, tmp_path, capsys):
     assert ResultStore().list_runs().empty
 
 
-def test_stored_result_not_served_under_a_failed_version_set(load, home, store):
+def test_stored_result_not_served_under_a_failed_version_set(load, home, store, monkeypatch):
     from workbench.run import run_analysis
 
     model = load("tiny-llama")
@@ -148,12 +148,31 @@ def test_stored_result_not_served_under_a_failed_version_set(load, home, store):
     assert run_analysis("activation_patching", model, "ioi", **args).from_store
     assert first.manifest["versions"] == library_versions()
     assert first.key["libraries"] == {k: library_versions()[k] for k in LIBRARIES}
-    selfcheck._write_record(model.fingerprint, "resume", False, "simulated mismatch")
-    with pytest.raises(selfcheck.SelfCheckFailed, match="refused: simulated mismatch"):
-        run_analysis("activation_patching", model, "ioi", **args)
+    real = selfcheck.CHECKS["resume"]
+
+    def failing(m):
+        raise selfcheck._failure(m, "resume", "simulated mismatch")
+
+    monkeypatch.setitem(selfcheck.CHECKS, "resume", failing)
+    selfcheck.clear_memo()
+    with pytest.raises(selfcheck.SelfCheckFailed):  # e.g. another process found it failing
+        selfcheck.require(model, "resume")
+    with pytest.raises(selfcheck.SelfCheckFailed, match="simulated mismatch"):
+        run_analysis("activation_patching", model, "ioi", **args)  # the hit is not served
     # analyses that do not rely on that check are still served
     run_analysis("head_detectors", model, "induction", store=store)
     assert run_analysis("head_detectors", model, "induction", store=store).from_store
+    # an environment that passes again recovers: the check re-runs and replaces the record
+    monkeypatch.setitem(selfcheck.CHECKS, "resume", real)
+    again = run_analysis("activation_patching", model, "ioi", **args)
+    assert again.run_id == first.run_id
+    assert selfcheck.failed_for(model.fingerprint, library_versions(), ("resume",)) is None
+
+
+def test_compat_switch_enters_the_versions_key(monkeypatch):
+    on = selfcheck.versions_key()
+    monkeypatch.setenv("WORKBENCH_COMPAT", "off")
+    assert selfcheck.versions_key() != on
 
 
 def test_library_versions_enter_the_run_key(monkeypatch):

@@ -81,15 +81,18 @@ class RunRequest:
             libraries=libraries,
         )
 
-    def refuse_if_checks_failed(self, key: RunKey) -> None:
-        """One-line error, before the store is asked, when a self-check this analysis relies
-        on failed for the model under these library versions (``models.selfcheck``)."""
-        from workbench.models.selfcheck import refuse_if_failed
+    def servable(self, key: RunKey) -> bool:
+        """Whether a stored result of ``key`` may be served: not when a self-check this run
+        relies on is recorded as failed for the model under its library versions
+        (``models.selfcheck.trusted``; then the run is computed, re-running the check first)."""
+        from workbench.models.selfcheck import trusted
 
-        analysis = get_analysis(self.analysis)
-        refuse_if_failed(
-            analysis.name, key.model, dict(key.libraries), key.model_fingerprint, analysis.checks
-        )
+        return trusted(key.model_fingerprint, dict(key.libraries), self.checks())
+
+    def checks(self) -> tuple[str, ...]:
+        """The self-checks a run of this request relies on: the hook layout (every analysis)
+        and those its registry entry declares."""
+        return ("hooks", *get_analysis(self.analysis).checks)
 
 
 class ModelPool:
@@ -131,7 +134,7 @@ def compute(request: RunRequest, model: LoadedModel, key: RunKey) -> tuple[dict[
 
     analysis, parsed, task, task_params = request.resolve()
     model = _with_bos(model, request.prepend_bos)
-    checks = require(model, "hooks", *analysis.checks)  # before anything is computed or stored
+    checks = require(model, *request.checks())  # before anything is computed or stored
     t0 = time.perf_counter()
     prompts = build_task(task, model.codec, task_params)
     _check_prompts(prompts, model)
@@ -216,8 +219,9 @@ def run_analysis(
     )
     fp = None if isinstance(model, str) else model.fingerprint
     key = request.key(fp)
-    request.refuse_if_checks_failed(key)
-    stored = store.get_or_compute(key, lambda: compute(request, pool.get(name), key))
+    stored = store.get_or_compute(
+        key, lambda: compute(request, pool.get(name), key), serve=request.servable(key)
+    )
     if not stored.from_store:
         from workbench.compare import record_agreement
 

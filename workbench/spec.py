@@ -151,8 +151,8 @@ def run_spec(
         bar.set_postfix_str(f"{req.analysis} {req.model} {key.task}")
         t0 = time.perf_counter()
         status = "stored"
-        req.refuse_if_checks_failed(key)
-        if not store.has(key.run_id):
+        servable = req.servable(key)
+        if not servable or not store.has(key.run_id):
             from workbench.run import ModelPool, compute
 
             pool = pool or ModelPool()
@@ -160,7 +160,7 @@ def run_spec(
             def work(req: RunRequest = req, key: Any = key, pool: Any = pool) -> Any:
                 return compute(req, pool.get(req.model), key)
 
-            stored = store.get_or_compute(key, work)
+            stored = store.get_or_compute(key, work, serve=servable)
             status = "stored" if stored.from_store else "computed"
             if not stored.from_store:
                 from workbench.compare import record_agreement

@@ -70,8 +70,13 @@ class SelfCheckFailed(WorkbenchError):
 
 
 def versions_key(versions: dict[str, str] | None = None) -> str:
+    """Key of a version set, with the checks' version and whether the workarounds of
+    :mod:`workbench.models.compat` are on (they change the outcome at equal versions)."""
+    from workbench.models.compat import enabled
+
     v = library_versions() if versions is None else versions
-    text = json.dumps({**v, "checks": CHECKS_VERSION}, sort_keys=True)
+    state = {**v, "checks": CHECKS_VERSION, "compat": "on" if enabled() else "off"}
+    text = json.dumps(state, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -116,30 +121,15 @@ def failed_for(fingerprint: str, versions: dict[str, str], checks: tuple[str, ..
     return None
 
 
-def refuse_if_failed(
-    analysis: str,
-    model: str,
-    key_libraries: dict[str, str],
-    fingerprint: str,
-    checks: tuple[str, ...],
-) -> None:
-    """Raise the one-line error when a check ``analysis`` relies on is recorded as failed for
-    this model under these versions: such a result is neither served from the store nor
-    computed."""
-    if not checks:
-        return
+def trusted(fingerprint: str, key_libraries: dict[str, str], checks: tuple[str, ...]) -> bool:
+    """False when one of ``checks`` is recorded as failed for this model under these versions
+    (``key_libraries``: a run key's ``libraries``): a stored result is then not served, and
+    the runner computes instead, which re-runs the check first (it raises again, or passes
+    and replaces the record)."""
     from workbench import __version__
 
-    detail = failed_for(fingerprint, {**key_libraries, "workbench": str(__version__)}, checks)
-    if detail is not None:
-        locked = locked_versions()
-        raise SelfCheckFailed(
-            f"{analysis} on {model} refused: {detail}; found "
-            f"{versions_text(library_versions())}; the lock has "
-            f"{versions_text(locked) if locked else 'no lock file in this install'}",
-            "reinstall the locked versions (make setup, or pip install --no-deps -r "
-            "requirements.lock), then rerun",
-        )
+    versions = {**key_libraries, "workbench": str(__version__)}
+    return not checks or failed_for(fingerprint, versions, checks) is None
 
 
 def _failure(model: LoadedModel, check: str, detail: str) -> SelfCheckFailed:
@@ -295,6 +285,8 @@ def require(model: LoadedModel, *checks: str) -> Facts:
         memo_key = (f"{model.fingerprint}|{name}", vkey)
         with _lock:
             known = _memo.get(memo_key)
+        if known is not None and failed_for(model.fingerprint, library_versions(), (name,)):
+            known = None  # another process found it failing since: check again
         if known is None:
             try:
                 known = CHECKS[name](model)
