@@ -114,6 +114,25 @@ def test_runs_and_show(home, capsys):
     assert html.stat().st_size > 1000
 
 
+def test_show_info_and_export_info_table(home, capsys):
+    import json
+
+    spec = _spec(home)
+    main(["run", str(spec), "--no-progress"])
+    rid = _run_ids(capsys)[0]
+    assert main(["show", rid, "--info"]) == 0
+    out = capsys.readouterr().out
+    facts = json.loads(out.split("info: ", 1)[1].split("\n}", 1)[0] + "\n}")
+    assert facts["n_prompts"] == 4 and "prompt_hash" in facts
+    csv = home / "info.csv"
+    assert main(["export", rid, "--table", "info", "-o", str(csv)]) == 0
+    df = pd.read_csv(csv)
+    assert list(df.columns) == ["run_id", "key", "value"] and (df["run_id"] == rid).all()
+    assert df.set_index("key").loc["n_prompts", "value"] == "4"
+    assert main(["export", rid, "--table", "nope", "-o", str(csv)]) == 2
+    assert "info" in capsys.readouterr().err
+
+
 def _bad(**over: str) -> str:
     fields = {
         "name": '"head_detectors"',

@@ -4,6 +4,8 @@ planted head, bad input."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
@@ -26,9 +28,9 @@ from workbench.types import NeedleSample, NeedleSet
 # ---- ROUGE-1 recall --------------------------------------------------------------------------
 
 
-def test_rouge_tokens_lowercase_words_only():
-    assert rouge_tokens("Eat a Sandwich, in Dolores-Park!") == [
-        "eat", "a", "sandwich", "in", "dolores", "park",
+def test_rouge_tokens_lowercase_words_porter_stemmed():
+    assert rouge_tokens("Eats a Sandwiches, sitting in Dolores-Park!") == [
+        "eat", "a", "sandwich", "sit", "in", "dolor", "park",
     ]  # fmt: skip
 
 
@@ -42,10 +44,16 @@ def test_rouge_tokens_lowercase_words_only():
         ("eat a sandwich", "", 0.0),
         ("", "anything", 0.0),
         ("sunny day", "The day was sunny", 1.0),  # order does not matter
+        ("eat a sandwich", "eats sandwiches", 2 / 3),  # Porter stemming, as the paper's
+        ("sit in the park", "sitting in parks", 3 / 4),
     ],
 )
 def test_rouge1_recall(reference, answer, expected):
+    from rouge_score import rouge_scorer
+
     assert rouge1_recall(reference, answer) == pytest.approx(expected)
+    paper = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(reference, answer)
+    assert rouge1_recall(reference, answer) == paper["rouge1"].recall
 
 
 # ---- a synthetic copy task for the toy induction model ---------------------------------------
@@ -125,27 +133,29 @@ def slow_hits(model, pattern_rows, tokens, targets, span) -> np.ndarray:
     return score
 
 
-def slow_faithful(model, sample, max_new_tokens):
-    """Greedy decoding by full forwards; step t >= 1 scored from the full pattern's last row."""
+def slow_faithful(model, sample, max_new_tokens, span):
+    """Greedy decoding by full forwards; every step scored from the full pattern's last row,
+    the one that produces the first answer token included (the paper's code)."""
     tokens = sample.context.clone()
     rows, gen = [], []
     for _ in range(max_new_tokens):
         pats, logits = full_patterns(model, tokens)
-        if gen:
-            rows.append(pats[:, :, -1])
+        rows.append(pats[:, :, -1])
         tok = int(logits[-1].argmax())
         gen.append(tok)
         tokens = torch.cat([tokens, torch.tensor([tok])])
-    return gen, slow_hits(model, rows, tokens, gen[1:], sample.needle_span)
+    return gen, slow_hits(model, rows, tokens, gen, span)
 
 
-def slow_fast(model, sample):
-    """Teacher forcing by one full forward over context + answer[:-1]."""
-    n, ans = int(sample.context.shape[0]), sample.answer
+def slow_fast(model, sample, span, answer=None):
+    """Teacher forcing by one full forward over context + answer[:-1]; the query rows from the
+    last context token on predict answer[0], answer[1], ..."""
+    n = int(sample.context.shape[0])
+    ans = sample.answer if answer is None else answer
     tokens = torch.cat([sample.context, ans[:-1]])
     pats, _ = full_patterns(model, tokens)
-    rows = [pats[:, :, n - 1 + t] for t in range(1, int(ans.shape[0]))]
-    return slow_hits(model, rows, tokens, ans[1:].tolist(), sample.needle_span)
+    rows = [pats[:, :, n - 1 + t] for t in range(int(ans.shape[0]))]
+    return slow_hits(model, rows, tokens, ans.tolist(), span)
 
 
 # ---- tests against the references ------------------------------------------------------------
@@ -163,32 +173,37 @@ def test_decoding_argmax_matches_full_recompute(load, name):
         ctx = torch.randint(10, 200, (40,), generator=gen)
         sample = NeedleSample(ctx, (10, 20), ctx[10:14], "", "", "", 0.0, 40)
     rec = ArgmaxRecorder(model.n_layers)
-    pre = next(prefilled(model, [sample]))
+    pre = next(prefilled(model, [sample], hold_last=True))
+    assert pre.last_logits is None
+    assert pre.cache.get_seq_length() == int(sample.context.shape[0]) - 1
     with hooked(model.bridge, rec.hooks()):
         dec = decode_sample(model, pre, sample, max_new_tokens=6, stops=frozenset(), recorder=rec)
-    assert len(dec.tokens) == 6 and dec.argmax is not None
-    assert dec.argmax.shape == (model.n_layers, model.n_heads, 5)
+    assert len(dec.tokens) == 6 and dec.argmax is not None and dec.first == 0
+    assert dec.argmax.shape == (model.n_layers, model.n_heads, 6)  # the first token's step too
     tokens = torch.cat([sample.context, torch.tensor(dec.tokens)])
     n = int(sample.context.shape[0])
-    for t in range(1, 6):
+    for t in range(6):
         pats, logits = full_patterns(model, tokens[: n + t])
         assert int(logits[-1].argmax()) == dec.tokens[t]
         row = pats[:, :, -1]  # [layer, head, key]
-        got = row.gather(-1, dec.argmax[..., t - 1 : t])[..., 0]
+        got = row.gather(-1, dec.argmax[..., t : t + 1])[..., 0]
         assert torch.all(got >= row.max(-1).values - 1e-5)
-        exact = dec.argmax[..., t - 1] == row.argmax(-1)
+        exact = dec.argmax[..., t] == row.argmax(-1)
         assert exact.float().mean() > 0.9
 
 
-def test_faithful_and_fast_equal_slow_references(toy):
+@pytest.mark.parametrize("span", ["real_needle", "needle"])
+def test_faithful_and_fast_equal_slow_references(toy, span):
     ns = copy_set(toy, n=3)
-    params = RetrievalParams(max_new_tokens=5)
+    params = RetrievalParams(max_new_tokens=5, span=span)
     faithful = faithful_scores(toy, ns.samples, params)
     fast = fast_scores(toy, ns.samples, params)
     for s, f, q in zip(ns.samples, faithful, fast, strict=True):
-        _, ref = slow_faithful(toy, s, 5)
+        want = s.needle_span if span == "needle" else (s.needle_span[0] + 1, s.needle_span[1])
+        assert f.span == q.span == want  # real_needle = needle[1:], located exactly
+        _, ref = slow_faithful(toy, s, 5, want)
         np.testing.assert_allclose(f.score.numpy(), ref, atol=1e-12)
-        np.testing.assert_allclose(q.score.numpy(), slow_fast(toy, s), atol=1e-12)
+        np.testing.assert_allclose(q.score.numpy(), slow_fast(toy, s, want), atol=1e-12)
         assert ref.max() > 0  # the copy task produces hits
 
 
@@ -230,9 +245,12 @@ def test_shared_prefix_cache_is_reused_and_exact(toy):
     assert [p.reused for p in with_reuse] == [9, 10, 10]
     for p in with_reuse:
         q = without[p.index]
-        assert q.reused == 0
+        assert q.reused == 0 and p.last_logits is not None and q.last_logits is not None
         torch.testing.assert_close(p.last_logits, q.last_logits, atol=1e-5, rtol=1e-5)
         assert p.cache.get_seq_length() == q.cache.get_seq_length()
+    held = list(prefilled(toy, ns.samples, chunk=4, reuse=True, hold_last=True))
+    assert [p.reused for p in held] == [9, 10, 10]  # the held last token is never shared
+    assert [p.cache.get_seq_length() for p in held] == [len(s.context) - 1 for s in ns.samples]
     params = RetrievalParams(mode="fast")
     a = fast_scores(toy, ns.samples, params)
     b = fast_scores(toy, ns.samples, RetrievalParams(mode="fast", reuse_prefix=False))
@@ -240,23 +258,40 @@ def test_shared_prefix_cache_is_reused_and_exact(toy):
         assert torch.equal(x.score, y.score)
 
 
-def test_retrieval_run_is_stored_with_tables(load, store):
+@dataclass(frozen=True)
+class CopyParams:
+    n: int = 3
+
+
+@pytest.fixture()
+def copy_task(toy, monkeypatch):
+    """The toy copy set registered as task 'copy', so it runs through the runner and store."""
+    from workbench.tasks import TASKS
+    from workbench.tasks._common import TaskSpec
+
+    spec = TaskSpec("copy", "toy copy task", CopyParams, lambda codec, p: copy_set(toy, n=p.n),
+                    data_files=(), version="1")  # fmt: skip
+    monkeypatch.setitem(TASKS, "copy", spec)
+    return "copy"
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fast"])
+def test_retrieval_run_is_stored_with_tables_and_info(toy, store, copy_task, mode):
     from workbench.run import run_analysis
 
-    tiny = load("tiny-llama")
-    r = run_analysis(
-        "retrieval_heads", tiny, "needle",
-        params={"mode": "fast", "recall_threshold": 0.0},
-        task_params={"context_lengths": [90], "depth_percents": [0, 100]}, store=store,
-    )  # fmt: skip
+    kw = {"params": {"mode": mode, "max_new_tokens": 5}, "task_params": {"n": 3}, "store": store}
+    r = run_analysis("retrieval_heads", toy, copy_task, **kw)
     assert set(r.heads["metric"]) == {"retrieval_score"}
-    assert len(r.tables["samples"]) == 2
-    assert len(r.tables["sample_scores"]) == 2 * tiny.n_layers * tiny.n_heads
-    assert run_analysis(
-        "retrieval_heads", tiny, "needle",
-        params={"mode": "fast", "recall_threshold": 0.0},
-        task_params={"context_lengths": [90], "depth_percents": [0, 100]}, store=store,
-    ).from_store  # fmt: skip
+    samples = r.tables["samples"]
+    assert len(samples) == 3 and samples["counted"].all()
+    assert {"needle_start", "needle_end", "span_start", "span_end", "real_needle"} <= set(samples)
+    assert "needle" not in samples  # the column that held real_needle under a wrong name
+    assert (samples["span_start"] == samples["needle_start"] + 1).all()  # real_needle = needle[1:]
+    assert len(r.tables["sample_scores"]) == 3 * toy.n_layers * toy.n_heads
+    info = r.manifest["extra"]
+    assert info["n_counted"] == 3 and info["span"] == "real_needle" and info["mode"] == mode
+    assert 0 < info["share_above_0.1"] < 1 and info["linear_backend"] in ("onednn", "default")
+    assert run_analysis("retrieval_heads", toy, copy_task, **kw).from_store
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -311,20 +346,26 @@ def test_bad_needle_tasks_store_nothing(load, store, tmp_path, task_params, matc
 
 
 @pytest.mark.models
-def test_smollm2_retrieval_heads_faithful_and_fast(smollm2):
-    """One 256-token sample: SmolLM2 answers it; retrieval scores are sparse; the fast mode
-    forced with the needle sentence (which SmolLM2 repeats) shares most top heads."""
+def test_smollm2_retrieval_heads_paper_span_and_whole_needle(smollm2):
+    """One 256-token sample: SmolLM2 answers it; scores are sparse under both spans; the
+    paper's span (real_needle) is shorter, so each of its hits weighs more."""
     from workbench.tasks import build_task
 
-    ns = build_task("needle", smollm2.codec, {"context_lengths": [256], "depth_percents": [50]})
-    faithful = retrieval_heads(smollm2, ns, RetrievalParams(max_new_tokens=32))
-    fast = retrieval_heads(smollm2, ns, RetrievalParams(mode="fast", fast_answer="needle"))
-    assert faithful.info["n_counted"] == 1 and faithful.tables["samples"]["recall"][0] > 0.5
-    share = faithful.info["share_above_0.1"]
-    assert 0 < share < 0.15
+    ns = build_task(
+        "needle", smollm2.codec,
+        {"context_lengths": [256], "depth_percents": [50], "n_needles": 1},
+    )  # fmt: skip
+    paper = retrieval_heads(smollm2, ns, RetrievalParams(max_new_tokens=32))
+    whole = retrieval_heads(smollm2, ns, RetrievalParams(max_new_tokens=32, span="needle"))
+    for out in (paper, whole):
+        assert out.info["n_counted"] == 1 and out.tables["samples"]["recall"][0] > 0.5
+        assert 0 < out.info["share_above_0.1"] < 0.15
+    row = paper.tables["samples"].iloc[0]
+    assert row["needle_start"] < row["span_start"] < row["span_end"] < row["needle_end"]
+    assert paper.info["share_above_0.1"] >= whole.info["share_above_0.1"]
     top = [set(np.argsort(-o.head_metrics["retrieval_score"].mean.ravel())[:10])
-           for o in (faithful, fast)]  # fmt: skip
-    assert len(top[0] & top[1]) >= 7
+           for o in (paper, whole)]  # fmt: skip
+    assert len(top[0] & top[1]) >= 6
 
 
 def test_forced_needle_answer_is_the_needle_as_tokenised_in_the_context(load):
@@ -332,14 +373,16 @@ def test_forced_needle_answer_is_the_needle_as_tokenised_in_the_context(load):
     from workbench.tasks import build_task
 
     tiny = load("tiny-llama")
-    ns = build_task("needle", tiny.codec, {"context_lengths": [90], "depth_percents": [50]})
+    ns = build_task(
+        "needle", tiny.codec, {"context_lengths": [90], "depth_percents": [50], "n_needles": 1}
+    )
     s = ns.samples[0]
     (real,) = forced_answers(tiny, ns.samples, "real_needle")
     (whole,) = forced_answers(tiny, ns.samples, "needle")
     assert torch.equal(real, s.answer)
     assert whole.tolist() == s.context[s.needle_span[0] : s.needle_span[1]].tolist()
-    out = retrieval_heads(tiny, ns, RetrievalParams(mode="fast", fast_answer="needle"))
-    assert out.tables["samples"]["steps"][0] == len(whole) - 1
+    (got,) = fast_scores(tiny, ns.samples, RetrievalParams(mode="fast", fast_answer="needle"))
+    assert got.steps == len(whole)  # every forced token is a scored step, the first included
 
 
 @pytest.mark.models
@@ -348,8 +391,11 @@ def test_gemma3_fast_mode_past_the_sliding_window_matches_full_forward(gemma3):
     full-forward reference's (sliding layers' cached keys shifted to absolute positions)."""
     from workbench.tasks import build_task
 
-    ns = build_task("needle", gemma3.codec, {"context_lengths": [600], "depth_percents": [10]})
+    ns = build_task(
+        "needle", gemma3.codec,
+        {"context_lengths": [600], "depth_percents": [10], "n_needles": 1},
+    )  # fmt: skip
     (got,) = fast_scores(gemma3, ns.samples, RetrievalParams(mode="fast", prefill_chunk=256))
-    ref = slow_fast(gemma3, ns.samples[0])
+    ref = slow_fast(gemma3, ns.samples[0], got.span)
     np.testing.assert_allclose(got.score.numpy(), ref, atol=1e-12)
     assert ref.max() > 0.3 and got.recall > 0.5

@@ -217,3 +217,32 @@ def test_bad_selfcheck_name_is_a_key_error_not_silence(load, home):
     with pytest.raises(KeyError):
         selfcheck.require(load("tiny-llama"), "no_such_check")
     assert issubclass(selfcheck.SelfCheckFailed, WorkbenchError)
+
+
+def test_a_run_prints_no_upstream_deprecation_warnings(tmp_path):
+    """Through the CLI, with deprecation and future warnings shown: cached decoding (retrieval,
+    which has nothing to score on a random model and says so in one line) and resumed runs
+    (patching) print no warning."""
+    import subprocess
+    import sys
+
+    spec = tmp_path / "w.toml"
+    spec.write_text(
+        'title = "w"\n[defaults]\nmodels = ["tiny-llama"]\n'
+        '[[analysis]]\nname = "activation_patching"\nparams = { component = "z" }\n'
+        'tasks = [{ name = "ioi", n_prompts = 4 }]\n'
+        '[[analysis]]\nname = "retrieval_heads"\n'
+        'tasks = [{ name = "needle", context_lengths = [90], depth_percents = [50] }]\n'
+    )
+    env = {
+        **os.environ,
+        "WORKBENCH_HOME": str(tmp_path / "home"),
+        "PYTHONWARNINGS": "default::DeprecationWarning,default::FutureWarning",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "run", str(spec), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: retrieval_heads"), out.stderr
+    assert not [line for line in lines if "Warning" in line], out.stderr

@@ -30,7 +30,7 @@ from workbench.types import NeedleSet, PromptSet
 
 PROMPT_TASKS = ("ioi", "induction", "factual", "colored_objects")
 SEEDED = ("ioi", "induction", "colored_objects")
-NEEDLE = {"context_lengths": [96, 160], "depth_percents": [0, 25, 50, 100]}
+NEEDLE = {"context_lengths": [96, 160], "depth_percents": [0, 25, 50, 100], "n_needles": 1}
 QUESTION = "\nBased on the content of the book, Question: {question}\nAnswer:"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -372,8 +372,61 @@ def test_needle_errors(tmp_path, tok):
     _needle_error(tok, {"haystack_dir": str(tmp_path / "nowhere")}, "haystack folder not found")
     _needle_error(tok, {"depth_percents": [0, 101]}, "depth 101 outside [0, 100]")
     _needle_error(tok, {"depth_percents": [-5]}, "outside [0, 100]")
+    _needle_error(tok, {"depth_percents": [0.1, 0.5, 0.9]}, "look like fractions", "percentages")
+    _needle_error(tok, {"n_needles": -1}, "n_needles must be >= 0")
     _needle_error(tok, {"context_lengths": [4096]}, "exceeds the model's context 1024")
     _needle_error(tok, {"context_lengths": [20]}, "no room for the haystack")
+
+
+def test_needle_uses_every_needle_by_default_and_depths_in_percent(tok):
+    from workbench.tasks.needle import load_needles, tasks_data
+
+    codec = codec_of(tok, False)
+    n_file = len(load_needles(tasks_data("needles.jsonl")))
+    assert n_file > 1
+    ns = build_task("needle", codec, {"context_lengths": [160], "depth_percents": [0, 50]})
+    assert ns.n == n_file * 2 and ns.meta["n_needles"] == n_file
+    assert len({s.needle for s in ns.samples}) == n_file
+    two = build_task(
+        "needle", codec, {"context_lengths": [160], "depth_percents": [50], "n_needles": 2}
+    )
+    assert two.n == 2
+    # a lone 0 and depths such as 0.5 among larger ones are percentages, not fractions
+    assert build_task("needle", codec, {**NEEDLE, "depth_percents": [0]}).n == 2
+    assert build_task("needle", codec, {**NEEDLE, "depth_percents": [0.5, 50]}).n == 4
+
+
+def test_texts_reads_the_users_own_paragraphs_or_jsonl(tmp_path, tok):
+    codec = codec_of(tok, False)
+    words = " ".join(["the garden was green and the bread was warm"] * 3)
+    txt = tmp_path / "mine.txt"
+    txt.write_text(f"{words}\n\n{words} again\n\n\n{words} once more\n")
+    ns = build_task("texts", codec, {"path": str(txt), "domains": ["file"], "n_per_domain": 3,
+                                     "seq_len": 12})  # fmt: skip
+    assert ns.meta["domains"] == ["file"] * 3 and ns.clean.shape == (3, 12)
+    assert ns.clean[0].tolist() == codec.encode(words)[:12]
+    jl = tmp_path / "mine.jsonl"
+    jl.write_text("".join(json.dumps({"text": f"{words} {i}"}) + "\n" for i in range(2)))
+    both = build_task("texts", codec, {"path": str(jl), "domains": ["repeated"],
+                                       "n_per_domain": 2, "seq_len": 12})  # fmt: skip
+    assert both.meta["domains"] == ["repeated", "repeated", "file", "file"]  # path adds 'file'
+    assert recipe_hash("texts", {"path": str(jl)}) != recipe_hash("texts", {"path": str(txt)})
+    before = recipe_hash("texts", {"path": str(jl)})
+    jl.write_text(json.dumps({"text": words}) + "\n")
+    assert recipe_hash("texts", {"path": str(jl)}) != before  # the file's bytes are hashed
+    for params, part in [
+        ({"domains": ["file"]}, "needs path"),
+        ({"path": str(tmp_path / "x.pdf")}, "unknown file type"),
+        ({"path": str(tmp_path / "none.txt")}, "not found"),
+    ]:
+        with pytest.raises(WorkbenchError) as e:
+            build_task("texts", codec, params)
+        one_line_error(e, part)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(WorkbenchError) as e:
+        build_task("texts", codec, {"path": str(bad)})
+    one_line_error(e, "bad.jsonl:1", "text")
 
 
 def test_needle_not_found_is_reported(tok, monkeypatch):
@@ -439,7 +492,11 @@ def test_custom_file_errors(tmp_path, tok, fmt):
     err([good[0], {**good[1], "correct": " Anna Paul"}], f"line {line}", "is 2 tokens")
     err(good, "context is 8", n_ctx=8)
     short = {"clean": "Mary went", "corrupt": "John went", "correct": " to", "incorrect": " a"}
-    err([*good, short], "2 tokens, most rows have 14")
+    err([*good, short], "2 tokens, most rows have 14", on_length_mismatch="error")
+    groups = build_task(
+        "custom", codec, {"path": str(_write(tmp_path / f"g.{fmt}", [*good, short], fmt))}
+    )
+    assert [(g.seq_len, g.n) for g in groups.groups] == [(2, 1), (14, 2)]  # default: grouped
     path = _write(tmp_path / f"ok.{fmt}", [*good, short], fmt)
     ps = build_task("custom", codec, {"path": str(path), "on_length_mismatch": "drop"})
     assert ps.n == 2 and ps.meta["dropped_rows"] == [f"line {line + 1}"]

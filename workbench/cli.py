@@ -141,6 +141,9 @@ def show(
     metric: Annotated[str | None, typer.Option(help="metric to show")] = None,
     top: Annotated[int, typer.Option(help="heads per metric")] = 10,
     html: Annotated[Path | None, typer.Option(help="write the layer x head figure as HTML")] = None,
+    info: Annotated[
+        bool, typer.Option("--info", help="also print the run's facts (counts, backend, ...)")
+    ] = False,
 ) -> None:
     """Show one stored run: its key, manifest and top heads."""
     import json
@@ -152,6 +155,9 @@ def show(
     stored = store.get(store.resolve(run_id))
     if stored is None:
         raise WorkbenchError(f"run {run_id} is damaged or gone", "run its spec again")
+    if info:
+        facts = stored.manifest.get("extra") or {}
+        typer.echo("info: " + json.dumps(facts, indent=2, default=str, sort_keys=True))
     result = AnalysisResult.from_stored(stored)
     typer.echo(json.dumps(result.key, indent=2, default=str))
     typer.echo(result.summary(k=top) if metric is None else result.top(metric, top).to_string())
@@ -181,7 +187,8 @@ def export(
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="csv, parquet or json")] = "csv",
     table: Annotated[
-        str, typer.Option(help="which table (heads, or another stored table)")
+        str,
+        typer.Option(help="which table (heads, another stored table, or info: the run's facts)"),
     ] = "heads",
     atlas: Annotated[
         str | None,

@@ -6,9 +6,9 @@ Torch-free: reads the store only.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from workbench.errors import WorkbenchError
 
@@ -27,8 +27,28 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
+INFO = "info"
+"""The pseudo-table of a run's facts (``manifest["extra"]``): one row per fact."""
+
+
+def info_table(run_id: str, facts: Mapping[str, Any]) -> pd.DataFrame:
+    """``run_id, key, value`` per fact, sorted by key; each value as text (JSON unless a string)."""
+    import json
+
+    import pandas as pd
+
+    def text(v: Any) -> str:
+        return v if isinstance(v, str) else json.dumps(v, default=str, sort_keys=True)
+
+    keys = sorted(facts)
+    return pd.DataFrame(
+        {"run_id": [run_id] * len(keys), "key": keys, "value": [text(facts[k]) for k in keys]}
+    )
+
+
 def gather(store: ResultStore, run_ids: Sequence[str], table: str = "heads") -> pd.DataFrame:
-    """Table ``table`` of every run (ids or unique prefixes), concatenated."""
+    """Table ``table`` of every run (ids or unique prefixes), concatenated; ``info`` is the
+    runs' facts (:func:`info_table`) unless a run stores a table of that name."""
     import pandas as pd
 
     frames = []
@@ -36,9 +56,13 @@ def gather(store: ResultStore, run_ids: Sequence[str], table: str = "heads") -> 
         stored = store.get(store.resolve(rid))
         if stored is None:
             raise WorkbenchError(f"run {rid} is damaged or gone", "run its spec again")
+        if table == INFO and INFO not in stored.tables:
+            frames.append(info_table(stored.run_id, stored.manifest.get("extra") or {}))
+            continue
         if table not in stored.tables:
             raise WorkbenchError(
-                f"run {rid} has no table '{table}'", f"tables: {', '.join(stored.tables)}"
+                f"run {rid} has no table '{table}'",
+                f"tables: {', '.join([*stored.tables, INFO])}",
             )
         frames.append(stored.tables[table])
     if not frames:

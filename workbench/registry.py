@@ -166,6 +166,7 @@ register(
         function="retrieval_heads",
         default_task="needle",
         task_kind="needle",
+        version="2",  # the paper's span, first-token scoring, stemmed ROUGE-1
         checks=("kv_cache",),
         reference="Wu et al. 2024 (Retrieval Head Mechanistically Explains Long-Context "
         "Factuality)",
@@ -181,6 +182,7 @@ register(
         function="causal_validation",
         default_task="needle",
         task_kind="any",
+        version="2",  # needle recall by stemmed ROUGE-1 (rouge-score)
         checks=("kv_cache",),
         reference="Wu et al. 2024 (masking retrieval heads); Wang et al. 2022 (ablation)",
     )

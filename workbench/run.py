@@ -18,7 +18,7 @@ from workbench.errors import WorkbenchError
 from workbench.provenance import library_versions
 from workbench.registry import Analysis, get_analysis
 from workbench.results import AnalysisResult, head_table
-from workbench.types import RunKey
+from workbench.types import PromptGroups, RunKey
 
 if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
@@ -139,7 +139,13 @@ def compute(request: RunRequest, model: LoadedModel, key: RunKey) -> tuple[dict[
     prompts = build_task(task, model.codec, task_params)
     _check_prompts(prompts, model)
     t1 = time.perf_counter()
-    output = analysis.load()(model, prompts, parsed)
+    fn = analysis.load()
+    if isinstance(prompts, PromptGroups):  # lengths differ: one run per length, one result
+        from workbench.groups import merge_outputs
+
+        output = merge_outputs(prompts, [fn(model, g, parsed) for g in prompts.groups])
+    else:
+        output = fn(model, prompts, parsed)
     _refuse_nan(output, analysis.name)
     t2 = time.perf_counter()
     tables = dict(output.tables)
@@ -178,7 +184,10 @@ def _refuse_nan(output: Any, analysis: str) -> None:
 def _check_prompts(prompts: Any, model: LoadedModel) -> None:
     from workbench.types import PromptSet
 
-    if isinstance(prompts, PromptSet):
+    if isinstance(prompts, PromptGroups):
+        for group in prompts.groups:
+            _check_prompts(group, model)
+    elif isinstance(prompts, PromptSet):
         vocab = int(model.cfg.d_vocab)
         for name in ("clean", "corrupt", "correct", "incorrect"):
             t = getattr(prompts, name)

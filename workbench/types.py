@@ -87,6 +87,37 @@ class PromptSet:
         )
 
 
+@dataclass(eq=False)
+class PromptGroups:
+    """Prompt sets of one task that differ in token length, one :class:`PromptSet` per length
+    (shortest first). The runner runs an analysis on each group and merges the outputs into one
+    result (:func:`workbench.groups.merge_outputs`): per-head means weighted by the number of
+    prompts, standard errors pooled over all prompts."""
+
+    task: str
+    groups: tuple[PromptSet, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return sum(g.n for g in self.groups)
+
+    @property
+    def seq_len(self) -> int:
+        return max(g.seq_len for g in self.groups)
+
+    @property
+    def prepend_bos(self) -> bool:
+        return self.groups[0].prepend_bos
+
+    def content_hash(self) -> str:
+        return sha256_hex(self.task, *(g.content_hash() for g in self.groups))
+
+    def __repr__(self) -> str:
+        lengths = ", ".join(f"{g.seq_len}: {g.n}" for g in self.groups)
+        return f"PromptGroups(task={self.task!r}, n={self.n}, prompts by length {{{lengths}}})"
+
+
 @dataclass(frozen=True)
 class RunKey:
     """Everything a result depends on; ``run_id`` is derived from the contents.

@@ -31,7 +31,7 @@ from workbench.types import canonical_json, sha256_hex
 
 if TYPE_CHECKING:
     from workbench.models.codec import TextCodec
-    from workbench.types import NeedleSet, PromptSet
+    from workbench.types import NeedleSet, PromptGroups, PromptSet
 
 __all__ = [
     "TASKS",
@@ -74,7 +74,7 @@ def parse_params(name: str, params: Mapping[str, Any] | None = None) -> Any:
 
 def build_task(
     name: str, codec: TextCodec, params: Mapping[str, Any] | None = None
-) -> PromptSet | NeedleSet:
+) -> PromptSet | PromptGroups | NeedleSet:
     """Build task ``name`` for the model behind ``codec``.
 
     ``meta`` of the result gains ``params`` (canonical) and ``recipe_hash``.

@@ -19,7 +19,7 @@ from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
     from workbench.models.codec import TextCodec
-    from workbench.types import NeedleSet, PromptSet
+    from workbench.types import NeedleSet, PromptGroups, PromptSet
 
 WORD_RE = re.compile(r"\w+|[^\w\s]+")
 """The pieces ``tokenizers``' ``Whitespace`` pre-tokenizer splits text into (words, punctuation)."""
@@ -40,7 +40,7 @@ class TaskSpec:
     name: str
     description: str
     params_cls: type
-    build: Callable[[TextCodec, Any], PromptSet | NeedleSet]
+    build: Callable[[TextCodec, Any], PromptSet | PromptGroups | NeedleSet]
     data_files: tuple[Path, ...]
     version: str
     user_files: Callable[[Any], tuple[Path, ...]] | None = None

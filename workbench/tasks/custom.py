@@ -3,9 +3,11 @@
 Each record (a JSON object per line, or a CSV row with a header) has ``clean``, ``corrupt``,
 ``correct`` and ``incorrect``; the answers are text as the model would continue the prompt,
 usually with a leading space (``" Mary"``), and must be single tokens. Clean and corrupted
-prompts of a record must have the same token length, and since a prompt set is one tensor, all
-records must share one length; ``on_length_mismatch="drop"`` keeps the most common length
-instead (the dropped rows are listed in ``meta``).
+prompts of a record must have the same token length. Records of different lengths are grouped
+by length (``on_length_mismatch="group"``, the default: a :class:`PromptGroups`, one prompt set
+per length, which the runner analyses group by group and merges into one result);
+``"drop"`` keeps the most common length instead (the dropped rows are listed in ``meta``), and
+``"error"`` stops.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Literal
 from workbench.errors import WorkbenchError
 from workbench.models.codec import TextCodec
 from workbench.tasks._common import TaskSpec, make_prompt_set, read_jsonl_numbered
-from workbench.types import PromptSet
+from workbench.types import PromptGroups, PromptSet
 
 COLUMNS = ("clean", "corrupt", "correct", "incorrect")
 EXTENSIONS = (".jsonl", ".csv")
@@ -31,9 +33,12 @@ class CustomParams:
         default="",
         metadata={"help": "a .jsonl or .csv file with clean, corrupt, correct, incorrect"},
     )
-    on_length_mismatch: Literal["error", "drop"] = field(
-        default="error",
-        metadata={"help": "rows of a different token length: stop, or keep the most common length"},
+    on_length_mismatch: Literal["group", "error", "drop"] = field(
+        default="group",
+        metadata={
+            "help": "rows of different token lengths: run them grouped by length into one "
+            "result, stop, or keep the most common length only"
+        },
     )
 
     def validate(self) -> None:
@@ -90,7 +95,7 @@ def _answer(codec: TextCodec, text: object, key: str, where: str, path: Path) ->
     return ids[0]
 
 
-def build(codec: TextCodec, params: CustomParams) -> PromptSet:
+def build(codec: TextCodec, params: CustomParams) -> PromptSet | PromptGroups:
     path = _path(params)
     records = []
     for where, row in load_rows(path):
@@ -120,19 +125,30 @@ def build(codec: TextCodec, params: CustomParams) -> PromptSet:
         raise WorkbenchError(
             f"{path} {first[0]}: prompt has {len(first[2])} tokens, most rows have {length} "
             f"(lengths: {dict(sorted(lengths.items()))})",
-            "give all rows one token length or set on_length_mismatch = 'drop'",
+            "give all rows one token length, or set on_length_mismatch = 'group' or 'drop'",
         )
+    if dropped and params.on_length_mismatch == "group":
+        meta = {"path": str(path), "n_rows": len(records), "lengths": dict(sorted(lengths.items()))}
+        groups = tuple(
+            _prompt_set(codec, [r for r in records if len(r[2]) == n], {**meta, "seq_len": n})
+            for n in sorted(lengths)
+        )
+        return PromptGroups("custom", groups, meta)
     kept = [r for r in records if len(r[2]) == length]
     meta = {"path": str(path), "n_rows": len(records), "dropped_rows": dropped}
+    return _prompt_set(codec, kept, meta)
+
+
+def _prompt_set(codec: TextCodec, rows: list[Any], meta: dict[str, Any]) -> PromptSet:
     return make_prompt_set(
         "custom",
         codec,
-        [r[2] for r in kept],
-        [r[3] for r in kept],
-        [r[4] for r in kept],
-        [r[5] for r in kept],
-        [r[1]["clean"] for r in kept],
-        [r[1]["corrupt"] for r in kept],
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+        [r[4] for r in rows],
+        [r[5] for r in rows],
+        [r[1]["clean"] for r in rows],
+        [r[1]["corrupt"] for r in rows],
         meta,
     )
 
@@ -148,6 +164,6 @@ SPEC = TaskSpec(
     params_cls=CustomParams,
     build=build,
     data_files=(),
-    version="1",
+    version="2",
     user_files=_user_files,
 )

@@ -11,8 +11,14 @@ the sample is built from separately tokenised pieces, concatenated as ids:
 
 where the haystack is cut so the whole sequence has exactly ``context_length`` tokens, and the
 insertion point ``k`` is the token depth ``depth% * len(haystack)``, moved back to just after
-the nearest sentence-ending token at or before it (as the reference code does; depth 100 puts
-the needle at the very end). With ``chat_template="auto"`` and a tokenizer that has a chat
+the nearest sentence-ending token at or before it (depth 100 puts the needle at the very end).
+Against the reference code: it also moves back to a sentence end, but only to the token ``.``
+as its tokenizer encodes it alone, where here any token whose text ends in ``.`` counts (on
+byte-level BPE ``".`` or ``.)`` are one token); and its context length counts the haystack
+only (it cuts the haystack to ``context_length`` minus a 200-token buffer, then adds the
+question and template), where here it is the whole prompt. Every needle of the file is used
+unless ``n_needles`` says otherwise; ``depth_percents`` are percentages (fractions such as
+``0.5`` are refused). With ``chat_template="auto"`` and a tokenizer that has a chat
 template, the user message is the reference's ``"<book>{context}</book>\\nBased on the content
 of the book, Question: {question}\\nAnswer:"`` followed by the generation prompt. The needle's
 token span is known from the concatenation (never searched for by string), and ``answer`` is
@@ -58,7 +64,9 @@ class NeedleParams:
     haystack_dir: str | None = field(
         default=None, metadata={"help": "a folder of .txt files to use as the haystack"}
     )
-    n_needles: int = field(default=1, metadata={"help": "use the first n needles of the file"})
+    n_needles: int = field(
+        default=0, metadata={"help": "use the first n needles of the file (0: every needle)"}
+    )
     chat_template: Literal["auto", "none"] = field(
         default="auto", metadata={"help": "auto: wrap in the tokenizer's chat template if any"}
     )
@@ -76,8 +84,17 @@ class NeedleParams:
                 raise WorkbenchError(
                     f"needle: depth {d:g} outside [0, 100]", "give depths in percent, 0 to 100"
                 )
-        if self.n_needles < 1:
-            raise WorkbenchError(f"n_needles must be >= 1, got {self.n_needles}", "use >= 1")
+        if max(self.depth_percents) < 1 and any(d > 0 for d in self.depth_percents):
+            pct = [round(100 * d, 6) for d in self.depth_percents]
+            raise WorkbenchError(
+                f"needle: depth_percents {list(self.depth_percents)} look like fractions; "
+                "depths are percentages of the haystack (0 to 100)",
+                f"e.g. depth_percents = {pct}",
+            )
+        if self.n_needles < 0:
+            raise WorkbenchError(
+                f"n_needles must be >= 0, got {self.n_needles}", "use 0 (every needle) or more"
+            )
 
 
 def _needles_path(params: NeedleParams | None) -> Path:
@@ -166,7 +183,8 @@ def _insertion_point(hay: list[int], depth: float, periods: set[int]) -> int:
 def build(codec: TextCodec, params: NeedleParams) -> NeedleSet:
     needles_path, hay_dir = _needles_path(params), _haystack_dir(params)
     needles = load_needles(needles_path)
-    if params.n_needles > len(needles):
+    n_needles = params.n_needles or len(needles)
+    if n_needles > len(needles):
         raise WorkbenchError(
             f"needle: n_needles is {params.n_needles} but {needles_path} has {len(needles)}",
             f"use n_needles <= {len(needles)}",
@@ -186,7 +204,7 @@ def build(codec: TextCodec, params: NeedleParams) -> NeedleSet:
     chat = _chat_pieces(codec, params.chat_template)
     bos = with_bos(codec, [])  # [BOS] or []
     samples: list[NeedleSample] = []
-    for row in needles[: params.n_needles]:
+    for row in needles[:n_needles]:
         needle_ids = codec.encode(" " + row["needle"])
         question = QUESTION.format(question=row["question"])
         if chat is None:
@@ -223,7 +241,7 @@ def build(codec: TextCodec, params: NeedleParams) -> NeedleSet:
     meta: dict[str, Any] = {
         "context_lengths": list(params.context_lengths),
         "depth_percents": list(params.depth_percents),
-        "n_needles": params.n_needles,
+        "n_needles": n_needles,
         "needles_file": str(needles_path),
         "haystack_dir": str(hay_dir),
         "haystack_tokens": len(hay_once),

@@ -8,6 +8,9 @@ active on another). Domains:
 - ``code``: ``data/tasks/texts/code.txt`` (small Python / C / JavaScript / SQL snippets, ditto)
 - ``repeated``: a block of ``repeat_block`` distinct random tokens (the induction task's pool)
   repeated until the sample is full
+- ``file``: the user's own texts from ``path``: a ``.txt`` file of paragraphs separated by
+  blank lines, or a ``.jsonl`` file with one ``{"text": ...}`` object per line (each record
+  a paragraph). Giving ``path`` adds this domain when ``domains`` does not list it.
 
 Sample ``i`` of a text domain starts at the ``i``-th paragraph (blank-line separated block) and
 runs on through the following ones: the first ``seq_len`` tokens (BOS included when the codec
@@ -23,17 +26,33 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 from workbench.models.codec import TextCodec
-from workbench.tasks._common import TaskSpec, check_n_prompts, make_prompt_set, tasks_data
+from workbench.tasks._common import (
+    TaskSpec,
+    check_n_prompts,
+    make_prompt_set,
+    read_jsonl_numbered,
+    tasks_data,
+)
 from workbench.types import PromptSet
 
-DOMAINS = ("prose", "code", "repeated")
+DOMAINS = ("prose", "code", "repeated", "file")
+DEFAULT_DOMAINS = ("prose", "code", "repeated")
 TEXT_FILES = {"prose": "texts/prose.txt", "code": "texts/code.txt"}
+USER_SUFFIXES = (".txt", ".jsonl")
 
 
 @dataclass(frozen=True)
 class TextsParams:
     domains: tuple[str, ...] = field(
-        default=DOMAINS, metadata={"help": "which of prose, code, repeated (random tokens)"}
+        default=DEFAULT_DOMAINS,
+        metadata={"help": "which of prose, code, repeated (random tokens), file (your path)"},
+    )
+    path: str = field(
+        default="",
+        metadata={
+            "help": "your own texts: a .txt of paragraphs (blank-line separated) or a .jsonl "
+            "with a 'text' per line; adds the domain 'file'"
+        },
     )
     n_per_domain: int = field(default=8, metadata={"help": "samples per domain"})
     seq_len: int = field(default=64, metadata={"help": "tokens per sample T (BOS included)"})
@@ -51,6 +70,15 @@ class TextsParams:
                 f"got {list(self.domains)}",
                 'e.g. domains = ["prose", "code", "repeated"]',
             )
+        if "file" in self.domains and not self.path:
+            raise WorkbenchError(
+                "texts: domain 'file' needs path", "set path to a .txt or .jsonl of your texts"
+            )
+        if self.path and Path(self.path).suffix.lower() not in USER_SUFFIXES:
+            raise WorkbenchError(
+                f"texts: unknown file type '{Path(self.path).suffix or self.path}'",
+                "use a .txt file of paragraphs or a .jsonl file with a 'text' per line",
+            )
         if self.seq_len < 2:
             raise WorkbenchError(
                 f"texts: seq_len must be >= 2, got {self.seq_len}", "use seq_len = 64"
@@ -65,11 +93,43 @@ def _paragraphs(text: str) -> list[str]:
     return [p for p in text.split("\n\n") if p.strip()]
 
 
-def _text_samples(codec: TextCodec, domain: str, params: TextsParams, body: int) -> list[list[int]]:
-    path = tasks_data(TEXT_FILES[domain])
+def _user_path(params: TextsParams) -> Path:
+    path = Path(params.path).expanduser()
     if not path.is_file():
-        raise WorkbenchError(f"data file not found: {path}", "restore it or set WORKBENCH_DATA_DIR")
+        raise WorkbenchError(f"texts file not found: {path}", "check path")
+    return path
+
+
+def _user_paragraphs(path: Path) -> list[str]:
+    if path.suffix.lower() == ".jsonl":
+        rows = read_jsonl_numbered(path, ("text",), what="texts file")
+        for n, row in rows:
+            if not isinstance(row["text"], str) or not row["text"].strip():
+                raise WorkbenchError(f"{path}:{n}: 'text' must be a non-empty string", "fix it")
+        return [str(row["text"]).strip() for _, row in rows]
     paragraphs = _paragraphs(path.read_text(encoding="utf-8"))
+    if not paragraphs:
+        raise WorkbenchError(f"texts file is empty: {path}", "add some paragraphs")
+    return paragraphs
+
+
+def _domains(params: TextsParams) -> tuple[str, ...]:
+    if params.path and "file" not in params.domains:
+        return (*params.domains, "file")
+    return params.domains
+
+
+def _text_samples(codec: TextCodec, domain: str, params: TextsParams, body: int) -> list[list[int]]:
+    if domain == "file":
+        path = _user_path(params)
+        paragraphs = _user_paragraphs(path)
+    else:
+        path = tasks_data(TEXT_FILES[domain])
+        if not path.is_file():
+            raise WorkbenchError(
+                f"data file not found: {path}", "restore it or set WORKBENCH_DATA_DIR"
+            )
+        paragraphs = _paragraphs(path.read_text(encoding="utf-8"))
     out: list[list[int]] = []
     for i in range(len(paragraphs)):
         ids = codec.encode("\n\n".join(paragraphs[i:]))
@@ -113,7 +173,7 @@ def build(codec: TextCodec, params: TextsParams) -> PromptSet:
         raise WorkbenchError("texts: seq_len leaves no text after BOS", "use seq_len >= 2")
     clean: list[list[int]] = []
     domains: list[str] = []
-    for d in params.domains:
+    for d in _domains(params):
         samples = (
             _repeated_samples(codec, params, body)
             if d == "repeated"
@@ -132,12 +192,17 @@ def build(codec: TextCodec, params: TextsParams) -> PromptSet:
     return make_prompt_set("texts", codec, clean, clean, last, last, texts, texts, meta)
 
 
+def _user_files(params: TextsParams) -> tuple[Path, ...]:
+    return (_user_path(params),) if params.path else ()
+
+
 SPEC = TaskSpec(
     name="texts",
-    description="seq_len-token samples of prose, code and repeated random tokens "
-    "(attention sinks; no answer)",
+    description="seq_len-token samples of prose, code and repeated random tokens, or of your "
+    "own texts (path); attention sinks; no answer",
     params_cls=TextsParams,
     build=build,
     data_files=tuple(Path("tasks") / f for f in TEXT_FILES.values()),
     version="1",
+    user_files=_user_files,
 )

@@ -2,14 +2,19 @@
 
 ``mode = "faithful"`` (default) follows Wu et al. 2024 (:mod:`.faithful`); ``mode = "fast"``
 is the teacher-forced variant (:mod:`.fast`, which states when the two agree). Either way a
-head's score is the mean of its per-sample score over the samples answered correctly
-(ROUGE-1 recall of the answer against ``real_needle`` > ``recall_threshold``); ``stderr`` is
-over those samples and ``n`` is their number. With no sample counted the scores are NaN.
+head's score is the mean of its per-sample score over the counted samples (faithful: ROUGE-1
+recall of the answer against ``real_needle`` > ``recall_threshold``; fast: the forced answer
+is the model's greedy continuation); ``stderr`` is over those samples and ``n`` is their
+number. Hits count inside ``span`` (default: ``real_needle`` located exactly, :mod:`.span`).
+A run in which no sample counts, or (``span = "paper_search"``) no span is found, is an
+error: there is nothing to score.
 
-Tables: ``samples`` (one row per sample: depth, length, needle span, answer, recall, counted)
-and ``sample_scores`` (sample, layer, head, score: every sample's per-head score, counted or
-not). Info: ``share_above_0.1`` (retrieval heads per the paper's threshold over all heads),
-``n_counted``, the shared-prefix tokens reused.
+Tables: ``samples`` (one row per sample: depth, length, the inserted needle's span
+``needle_start``/``needle_end``, the scored span ``span_start``/``span_end``, ``real_needle``,
+the model's ``answer``, its ``recall``, ``counted``) and ``sample_scores`` (sample, layer,
+head, score: every sample's per-head score, counted or not). Info: ``share_above_0.1``
+(retrieval heads per the paper's threshold over all heads), ``n_counted``, ``span``,
+``linear_backend``, the shared-prefix tokens reused.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import numpy as np
 from workbench.errors import WorkbenchError
 from workbench.methods.retrieval.decode import check_samples
 from workbench.methods.retrieval.schemas import RetrievalParams
-from workbench.models.backend import on_fast_linears
+from workbench.methods.retrieval.span import NOT_FOUND
+from workbench.models.backend import on_fast_linears, use_onednn
 from workbench.models.selfcheck import require
 from workbench.types import AnalysisOutput, HeadMetric, NeedleSet, mean_stderr
 
@@ -54,6 +60,34 @@ def score_samples(
     return faithful_scores(model, prompts.samples, params)
 
 
+def _refuse_empty(scored: list[SampleScore], params: RetrievalParams) -> None:
+    """One-line error when there is nothing to score (module doc)."""
+    if all(s.span == NOT_FOUND for s in scored):
+        raise WorkbenchError(
+            f"retrieval_heads: span = '{params.span}' found no needle span in any of the "
+            f"{len(scored)} samples (the authors' token-set search misses on this tokenizer)",
+            "use span = 'real_needle' (located exactly)",
+        )
+    if not any(s.counted for s in scored):
+        best = max(scored, key=lambda s: s.recall)
+        rule = (
+            "the forced answer was the model's greedy continuation"
+            if params.mode == "fast"
+            else f"ROUGE-1 recall > {params.recall_threshold:g}"
+        )
+        answer = " ".join(best.answer.split())[:60]
+        fix = (
+            "use mode = 'faithful' (fast mode keeps only answers the model gives greedily)"
+            if params.mode == "fast"
+            else "use needles the model answers (or a larger max_new_tokens)"
+        )
+        raise WorkbenchError(
+            f"retrieval_heads: no sample counts ({rule}) in any of the {len(scored)} samples; "
+            f"nothing to score (best recall {best.recall:.2f}: {answer!r})",
+            fix,
+        )
+
+
 @on_fast_linears
 def retrieval_heads(
     model: LoadedModel, prompts: NeedleSet, params: RetrievalParams
@@ -65,12 +99,10 @@ def retrieval_heads(
     checks = require(model, "kv_cache")  # before anything is computed
     scored = score_samples(model, prompts, params)
     per = np.stack([s.score.numpy() for s in scored])  # [sample, layer, head]
-    counted = np.array([s.recall > params.recall_threshold for s in scored])
+    counted = np.array([s.counted for s in scored])
     n = int(counted.sum())
-    if n:
-        mean, stderr = mean_stderr(per[counted])
-    else:
-        mean = stderr = np.full(per.shape[1:], np.nan)
+    _refuse_empty(scored, params)
+    mean, stderr = mean_stderr(per[counted])
     samples = prompts.samples
     rows = [
         {
@@ -80,7 +112,9 @@ def retrieval_heads(
             "depth_percent": float(samples[i].depth_percent),
             "needle_start": int(samples[i].needle_span[0]),
             "needle_end": int(samples[i].needle_span[1]),
-            "needle": samples[i].real_needle,
+            "span_start": int(s.span[0]),
+            "span_end": int(s.span[1]),
+            "real_needle": samples[i].real_needle,
             "answer": s.answer,
             "recall": float(s.recall),
             "counted": bool(counted[i]),
@@ -101,11 +135,12 @@ def retrieval_heads(
     )
     info: dict[str, Any] = {
         "mode": params.mode,
+        "span": params.span,
         "n_samples": n_s,
         "n_counted": n,
-        f"share_above_{RETRIEVAL_THRESHOLD:g}": float(np.mean(mean > RETRIEVAL_THRESHOLD))
-        if n
-        else None,
+        "n_span_not_found": sum(s.span == NOT_FOUND for s in scored),
+        f"share_above_{RETRIEVAL_THRESHOLD:g}": float(np.mean(mean > RETRIEVAL_THRESHOLD)),
+        "linear_backend": "onednn" if use_onednn() else "default",
         "recall_mean": float(np.mean([s.recall for s in scored])),
         "reused_prefix_tokens": int(sum(s.reused for s in scored)),
         "context_tokens": int(sum(int(s.context.shape[0]) for s in samples)),

@@ -9,9 +9,16 @@ Three pieces shared by the faithful and fast retrieval scores and by causal vali
   grows and dropped when a sample no longer starts with it; each sample copies the base and
   prefills only the rest of its context. Chunks of ``chunk`` tokens bound the transient
   ``chunk x T`` attention maps of the prefill; only the last position's logits are computed.
+  With ``hold_last`` the prefill stops one token short, as Wu et al.'s code does
+  (``model(input_ids[:, :-1])``), so the query that produces the first answer token is a
+  decoding step and can be scored.
 - :class:`ArgmaxRecorder`: hooks on ``hook_pattern`` that reduce each layer's attention to
   ``argmax_k A[h, q, k]`` for all heads at once (one tensor op per layer), as absolute key
   positions; nothing of size ``T x T`` is kept.
+- :func:`decode_batch`: greedy decoding of samples of one length together (their caches
+  stacked along the batch axis, one forward per step for all of them; a finished sample leaves
+  the batch), recording each step's argmax; with ``lookahead`` each forward also verifies
+  tokens drafted from the context (prompt lookup), keeping only greedy decoding's own tokens.
 - :func:`greedy_answers`: greedy decoding with the KV cache (no hooks), the answers' text and
   their ROUGE-1 recall against ``real_needle``.
 
@@ -54,6 +61,18 @@ def forward_step(
     return logits[0], cache
 
 
+@torch.no_grad()
+def forward_batch(
+    model: LoadedModel, ids: Int[Tensor, "batch pos"], cache: Any | None, keep: int = 1
+) -> tuple[Float[Tensor, "batch keep vocab"], Any]:
+    """:func:`forward_step` for a batch of equally long sequences (no padding, no mask)."""
+    kwargs: dict[str, Any] = {"use_cache": True, "logits_to_keep": keep}
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    logits, cache = model.bridge(ids, prepend_bos=False, return_type="logits_and_cache", **kwargs)
+    return logits, cache
+
+
 def _extend(
     model: LoadedModel, ids: Int[Tensor, " pos"], cache: Any | None, chunk: int
 ) -> tuple[Float[Tensor, " vocab"] | None, Any]:
@@ -86,23 +105,31 @@ def processing_order(samples: Sequence[NeedleSample]) -> list[int]:
 
 @dataclass
 class Prefilled:
-    """A sample's KV cache after its whole context, and the last position's logits."""
+    """A sample's KV cache after its context, and the last position's logits; with
+    ``hold_last`` the cache stops one token short and ``last_logits`` is None (the last
+    context token is the first decoding step's input)."""
 
     index: int
     cache: Any
-    last_logits: Float[Tensor, " vocab"]
+    last_logits: Float[Tensor, " vocab"] | None
     reused: int  # context tokens read from a shared prefix's cache, not recomputed
 
 
 def prefilled(
-    model: LoadedModel, samples: Sequence[NeedleSample], *, chunk: int = 512, reuse: bool = True
+    model: LoadedModel,
+    samples: Sequence[NeedleSample],
+    *,
+    chunk: int = 512,
+    reuse: bool = True,
+    hold_last: bool = False,
 ) -> Iterator[Prefilled]:
     """Each sample's prefilled cache, in :func:`processing_order` (module doc)."""
     order = processing_order(samples)
     base_ids: Tensor | None = None
     base_cache: Any = None
     for pos, i in enumerate(order):
-        ctx = samples[i].context
+        full = samples[i].context
+        ctx = full[:-1] if hold_last else full
         share = 0
         if reuse and pos + 1 < len(order):
             share = min(_lcp(ctx, samples[order[pos + 1]].context), int(ctx.shape[0]) - 1)
@@ -114,15 +141,15 @@ def prefilled(
             base_ids, have = ctx[:share], share
         cache = copy.deepcopy(base_cache) if have else None
         logits, cache = _extend(model, ctx[have:], cache, chunk)
-        assert logits is not None
-        yield Prefilled(i, cache, logits, have)
+        assert hold_last or logits is not None
+        yield Prefilled(i, cache, None if hold_last else logits, have)
 
 
 class ArgmaxRecorder:
     """``hook_pattern`` hooks that keep, per layer, ``argmax_k`` of each query row for all heads.
 
     Set ``total`` (the number of keys the next forward attends over, cache included) before
-    each forward; ``argmax()`` returns ``Int[Tensor, "layer head q"]`` absolute key positions
+    each forward; ``argmax()`` returns ``Int[Tensor, "layer batch head q"]`` absolute key positions
     (a sliding-window layer that sees only the last ``w`` keys is shifted by ``total - w``).
     While ``active`` is False the hooks do nothing.
     """
@@ -139,12 +166,12 @@ class ArgmaxRecorder:
     def _make(self, layer: int) -> Any:
         def hook(pattern: Tensor, hook: Any) -> None:
             if self.active:
-                idx = pattern[0].detach().argmax(dim=-1)  # [head, q]
+                idx = pattern.detach().argmax(dim=-1)  # [batch, head, q]
                 self._out[layer] = idx + (self.total - int(pattern.shape[-1]))
 
         return hook
 
-    def argmax(self) -> Int[Tensor, "layer head q"]:
+    def argmax(self) -> Int[Tensor, "layer batch head q"]:
         if any(o is None for o in self._out):
             raise RuntimeError("a layer's attention pattern was not recorded")
         out = torch.stack([o for o in self._out if o is not None])
@@ -158,11 +185,31 @@ def copy_hits(
     targets: Int[Tensor, " step"],
     span: tuple[int, int],
 ) -> Float[Tensor, "layer head"]:
-    """``sum_t [start <= argmax_t < end and tokens[argmax_t] == targets_t] / (end - start)``."""
+    """``sum_t [start <= argmax_t < end and tokens[argmax_t] == targets_t] / (end - start)``;
+    all zero for an empty span (the authors' search found none: ``(-1, -1)``)."""
     start, end = span
+    if end <= start:
+        return torch.zeros(argmax.shape[:-1], dtype=torch.float64)
     inside = (argmax >= start) & (argmax < end)
     same = tokens[argmax.clamp(0, int(tokens.shape[0]) - 1)] == targets
     return (inside & same).sum(dim=-1).double() / (end - start)
+
+
+def sample_spans(
+    model: LoadedModel, samples: Sequence[NeedleSample], how: str
+) -> list[tuple[int, int]]:
+    """The span each sample's hits are counted in (:func:`.span.scored_span`)."""
+    from workbench.methods.retrieval.span import scored_span
+
+    def encode(text: str) -> list[int]:
+        return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return [
+        scored_span(
+            model.codec.decode, encode, s.context.tolist(), s.needle_span, s.real_needle, how
+        )
+        for s in samples
+    ]
 
 
 def stop_ids(model: LoadedModel) -> frozenset[int]:
@@ -197,6 +244,10 @@ def check_samples(
     for i, s in enumerate(samples):
         n = int(s.context.shape[0])
         start, end = s.needle_span
+        if n < 2:
+            raise WorkbenchError(
+                f"sample {i}: context of {n} token(s)", "give contexts of at least 2 tokens"
+            )
         if not 0 <= start < end <= n:
             raise WorkbenchError(
                 f"sample {i}: needle span [{start}, {end}) is outside its {n}-token context",
@@ -223,13 +274,171 @@ def check_samples(
 @dataclass
 class Decoded:
     """A greedy answer: ``tokens`` as generated (a final stop token included), the answer text
-    (stop token left out), and, when recorded, the argmax key of every decoding step."""
+    (stop token left out), and, when recorded, the argmax key of every decoding step.
+
+    ``argmax[..., j]`` is the step that predicted ``tokens[j + first]``: ``first`` is 0 when
+    the prefill was held one token short (the first answer token is a scored step), else 1.
+    """
 
     index: int
     tokens: list[int]
     text: str
     recall: float
-    argmax: Tensor | None = None  # Int[Tensor, "layer head step"], step t predicts tokens[t]
+    argmax: Tensor | None = None  # Int[Tensor, "layer head step"]
+    first: int = 1
+
+
+def stack_caches(caches: Sequence[Any]) -> Any:
+    """One cache holding ``caches`` (equal lengths) along the batch axis; reuses the first."""
+    out = caches[0]
+    if len(caches) > 1:
+        for la, layer in enumerate(out.layers):
+            layer.keys = torch.cat([c.layers[la].keys for c in caches])
+            layer.values = torch.cat([c.layers[la].values for c in caches])
+    return out
+
+
+def lookup_draft(seq: Sequence[int], k: int, longest: int = 3) -> list[int]:
+    """Prompt-lookup draft (Saxena 2023): the ``k`` tokens that followed the latest earlier
+    occurrence of ``seq``'s last ``n``-gram, for ``n = longest .. 1``; [] when none occurs."""
+    if k < 1:
+        return []
+    size = len(seq)
+    for n in range(min(longest, size - 1), 0, -1):
+        tail = list(seq[size - n :])
+        for i in range(size - n - 1, -1, -1):
+            if list(seq[i : i + n]) == tail:
+                return list(seq[i + n : i + n + k])
+    return []
+
+
+def decode_batch(
+    model: LoadedModel,
+    pres: Sequence[Prefilled],
+    samples: Sequence[NeedleSample],
+    *,
+    max_new_tokens: int,
+    stops: frozenset[int],
+    recorder: ArgmaxRecorder | None = None,
+    lookahead: int = 0,
+) -> list[Decoded]:
+    """Greedy decoding after prefilled contexts of one length (Wu et al.'s loop, batched).
+
+    A held prefill (``last_logits`` None) feeds the last context token first, so that step's
+    query produces ``g_0`` and is recorded; otherwise ``g_0`` is the prefill's argmax. Each
+    further step feeds ``g_{t-1}`` and yields ``g_t``. With a ``recorder`` (its hooks attached
+    by the caller) every step records the argmax key of its query. A sample stops after a stop
+    token (:func:`is_stop`), after ``max_new_tokens`` tokens, or at the model's context length;
+    ``samples[j]`` belongs to ``pres[j]``; finished samples leave the batch.
+
+    ``lookahead > 0`` verifies drafted tokens (:func:`lookup_draft` over the context and the
+    answer so far) in the same forward: with fed tokens ``x_0`` (the last greedy token) and
+    draft ``x_1..x_k``, query row ``i`` predicts ``p_i``, and ``p_0..p_{a-1}`` are greedy
+    decoding's tokens where ``x_1..x_{a-1} == p_0..p_{a-2}`` (causal attention: row ``i`` sees
+    only ``x_0..x_i``, so its query and attention are those of the plain step). The batch
+    keeps ``min_j a_j`` tokens (the cache is cropped back to them); a sample's further verified
+    tokens head its next draft. Same tokens and argmaxes as plain decoding, up to float
+    summation order; fewer forwards when the model copies from its context.
+    """
+    n = int(samples[0].context.shape[0])
+    if any(int(s.context.shape[0]) != n for s in samples):
+        raise ValueError("decode_batch needs samples of one length")
+    limit = min(max_new_tokens, int(model.codec.n_ctx) - n)
+    held = pres[0].last_logits is None
+    b = len(pres)
+    cache = stack_caches([p.cache for p in pres]) if b > 1 else pres[0].cache
+    if not all(_plain_layer(la) for la in getattr(cache, "layers", [None])):
+        lookahead = 0  # e.g. sliding-window layers cannot be cropped back
+    gen: list[list[int]] = [[] for _ in range(b)]
+    steps: list[list[Tensor]] = [[] for _ in range(b)]
+    pending: list[list[int]] = [[] for _ in range(b)]
+    ctx = [s.context.tolist() for s in samples]
+    if held:
+        last = [c[-1] for c in ctx]
+        seen = n - 1
+    else:
+        for j, p in enumerate(pres):
+            assert p.last_logits is not None
+            gen[j].append(int(p.last_logits.argmax()))
+        last, seen = [g[-1] for g in gen], n
+    alive = [j for j in range(b) if held or not _finished(model, gen[j], limit, stops)]
+    if len(alive) < b:
+        cache = _select(cache, alive, b)
+    with torch.no_grad():
+        while alive:
+            room = min(lookahead, int(model.codec.n_ctx) - seen - 1)
+            drafts = [
+                (pending[j] + lookup_draft(ctx[j] + gen[j] + pending[j], room))[:room]
+                for j in alive
+            ]
+            m = 1 + max(len(d) for d in drafts)
+            rows = [
+                [last[j], *d, *[last[j]] * (m - 1 - len(d))]
+                for j, d in zip(alive, drafts, strict=True)
+            ]
+            if recorder is not None:
+                recorder.total, recorder.active = seen + m, True
+            logits, cache = forward_batch(model, torch.tensor(rows), cache, keep=m)
+            preds = logits.argmax(dim=-1).tolist()  # [alive, m]
+            arg = None
+            if recorder is not None:
+                recorder.active = False
+                arg = recorder.argmax()  # [layer, alive, head, m]
+            accepted = []
+            for row, pred in zip(rows, preds, strict=True):
+                a = 1
+                while a < m and row[a] == pred[a - 1]:
+                    a += 1
+                accepted.append(a)
+            keep = min(accepted)
+            for pos, j in enumerate(alive):
+                for i in range(keep):
+                    gen[j].append(int(preds[pos][i]))
+                    if arg is not None:
+                        steps[j].append(arg[:, pos, :, i])
+                    if _finished(model, gen[j], limit, stops):
+                        break
+                pending[j] = preds[pos][keep : accepted[pos]]
+                last[j] = gen[j][-1]
+            seen += keep
+            if keep < m:
+                _crop(cache, seen)
+            still = [j for j in alive if not _finished(model, gen[j], limit, stops)]
+            if still and len(still) < len(alive):  # drop finished samples from the batch
+                cache = _select(cache, [alive.index(j) for j in still], len(alive))
+            alive = still
+    out = []
+    for j, (p, s) in enumerate(zip(pres, samples, strict=True)):
+        g = gen[j]
+        body = g[:-1] if is_stop(model, g[-1], stops, model.codec.decode(g[:-1])) else g
+        text = model.codec.decode(body).strip()
+        argmax = torch.stack(steps[j], dim=-1) if steps[j] else None
+        first = 0 if held else 1
+        out.append(Decoded(p.index, g, text, rouge1_recall(s.real_needle, text), argmax, first))
+    return out
+
+
+def _plain_layer(layer: Any) -> bool:
+    """A cache layer that keeps every key (no sliding window), as ``keys`` / ``values``."""
+    return getattr(layer, "is_sliding", True) is False and hasattr(layer, "keys")
+
+
+def _crop(cache: Any, length: int) -> None:
+    """Keep the first ``length`` positions of every layer (plain layers only)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, :length]
+        layer.values = layer.values[:, :, :length]
+
+
+def _select(cache: Any, keep: list[int], size: int) -> Any:
+    """``cache`` restricted to the batch rows ``keep`` (of ``size``)."""
+    if keep != list(range(size)):
+        cache.batch_select_indices(torch.tensor(keep, dtype=torch.long))
+    return cache
+
+
+def _finished(model: LoadedModel, gen: list[int], limit: int, stops: frozenset[int]) -> bool:
+    return len(gen) >= limit or is_stop(model, gen[-1], stops, model.codec.decode(gen[:-1]))
 
 
 def decode_sample(
@@ -241,32 +450,11 @@ def decode_sample(
     stops: frozenset[int],
     recorder: ArgmaxRecorder | None = None,
 ) -> Decoded:
-    """Greedy decoding after a prefilled context (Wu et al.'s loop).
-
-    ``g_0`` is the prefill's argmax; decoding step ``t >= 1`` feeds ``g_{t-1}`` and yields
-    ``g_t``; with a ``recorder`` (its hooks attached by the caller) step ``t`` records the argmax
-    key of the query at ``g_{t-1}``, as the reference scores the attentions of every step after
-    the prefill. Stops after a stop token (:func:`is_stop`), after ``max_new_tokens`` tokens,
-    or at the model's context length.
-    """
-    n = int(sample.context.shape[0])
-    limit = min(max_new_tokens, int(model.codec.n_ctx) - n)
-    tok, cache = int(pre.last_logits.argmax()), pre.cache
-    gen, steps = [tok], []
-    with torch.no_grad():
-        while len(gen) < limit and not is_stop(model, tok, stops, model.codec.decode(gen[:-1])):
-            if recorder is not None:
-                recorder.total, recorder.active = n + len(gen), True
-            logits, cache = forward_step(model, torch.tensor([tok]), cache)
-            tok = int(logits[-1].argmax())
-            gen.append(tok)
-            if recorder is not None:
-                recorder.active = False
-                steps.append(recorder.argmax()[..., -1])
-    body = gen[:-1] if is_stop(model, gen[-1], stops, model.codec.decode(gen[:-1])) else gen
-    text = model.codec.decode(body).strip()
-    argmax = torch.stack(steps, dim=-1) if steps else None
-    return Decoded(pre.index, gen, text, rouge1_recall(sample.real_needle, text), argmax)
+    """:func:`decode_batch` of one sample."""
+    (dec,) = decode_batch(
+        model, [pre], [sample], max_new_tokens=max_new_tokens, stops=stops, recorder=recorder
+    )
+    return dec
 
 
 def greedy_answers(

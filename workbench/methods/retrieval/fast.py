@@ -1,30 +1,32 @@
 """Fast retrieval-head scores: teacher-forced, one forward over the answer tokens.
 
-Instead of decoding, a reference answer ``a_0..a_{n-1}`` is fed
-after the prefilled context in one forward of ``a_0..a_{n-2}``. The pattern hook sees only the
-``n - 1`` query rows of those tokens (``[head, n-1, T+n-1]``; the context's rows were computed
-in the prefill, without hooks) and reduces them to their argmax at once. With
-``k*_t = argmax_k A^{l,h}[query at a_{t-1}, k]``:
+Instead of decoding, a reference answer ``a_0..a_{n-1}`` is fed after the context in one
+forward. As in the faithful mode the prefill stops one token short, so the forward feeds
+``x[-1], a_0, ..., a_{n-2}``; the pattern hook sees only those ``n`` query rows
+(``[head, n, T+n-1]``; the context's rows were computed in the prefill, without hooks) and
+reduces them to their argmax at once. With ``k*_t`` the argmax key of the query that predicts
+``a_t`` and ``[s, e)`` the scored span (:mod:`.span`):
 
-    score_{l,h} = sum_{t=1}^{n-1} [s <= k*_t < e  and  a_t == x[k*_t]] / (e - s)
+    score_{l,h} = sum_{t=0}^{n-1} [s <= k*_t < e  and  a_t == x[k*_t]] / (e - s)
 
 The answer is ``real_needle`` tokenised as the task gives it (``fast_answer = "real_needle"``,
 default) or the whole needle sentence, tokenised the same way (``fast_answer = "needle"``:
-instruct models such as SmolLM2 tend to repeat the needle sentence, and then the needle's
-first words are copied too). Correctness is judged from the teacher-forced greedy
-predictions ``p_0`` (the prefill's argmax) and ``p_t = argmax logits(a_{<t})``: the sample
-counts when ROUGE-1 recall of their text against ``real_needle`` exceeds the threshold.
+instruct models such as SmolLM2 tend to repeat the needle sentence).
 
-**When it equals the faithful mode.** If the model copies the needle greedily, i.e. greedy
-decoding generates exactly ``a_0..a_{n-1}`` followed by a stop token (EOS / end of turn /
-newline, which is not a needle token) within ``max_new_tokens``, then every faithful step
-``1..n-1`` feeds the same tokens as here, so the queries, argmaxes and targets are identical,
-and the faithful step that yields the stop token cannot hit. Both modes then give the same
-per-sample scores and the same counted flag. They differ where the model's answer departs from
-the forced answer (other wording, extra text, an early stop): SmolLM2 answers "The best thing
-to do in San Francisco is to eat a sandwich ...", so with ``real_needle`` ("eat a sandwich
-...") the faithful mode also scores the copied opening words and the word "to" shifts the
-query tokens.
+**Which samples count.** Teacher forcing shows the model the right answer, so the predictions
+``p_t = argmax logits(x, a_{<t})`` look right even where the model would answer otherwise. A
+sample counts only when the forced answer *is* the model's own greedy continuation over the
+answer tokens: ``p_t == a_t`` for every ``t`` (then greedy decoding would generate exactly
+``a_0..a_{n-1}``; what it generates after that is not checked). ``recall`` in the samples table
+is still the ROUGE-1 recall of the predictions' text against ``real_needle``.
+
+**When it equals the faithful mode.** If greedy decoding generates exactly ``a_0..a_{n-1}``
+followed by a stop token (EOS / end of turn / newline, which is not a needle token) within
+``max_new_tokens``, every faithful step ``0..n-1`` feeds the same tokens as here, so queries,
+argmaxes and targets are identical, and the step that yields the stop token cannot hit: both
+modes give the same per-sample scores, and both count the sample. They differ where the
+model's answer departs from the forced one (other wording, extra text such as SmolLM2's
+restated "The best thing to do in San Francisco is to ..."): such samples are not counted here.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ import torch
 from torch import Tensor
 
 from workbench.hooks import hooked
-from workbench.methods.retrieval.decode import ArgmaxRecorder, copy_hits, forward_step, prefilled
+from workbench.methods.retrieval.decode import (
+    ArgmaxRecorder,
+    copy_hits,
+    forward_step,
+    prefilled,
+    sample_spans,
+)
 from workbench.methods.retrieval.faithful import SampleScore
 from workbench.methods.retrieval.rouge import rouge1_recall
 from workbench.methods.retrieval.schemas import RetrievalParams
@@ -64,22 +72,27 @@ def fast_scores(
     """Per-sample teacher-forced scores (module formula), in sample order."""
     recorder = ArgmaxRecorder(model.n_layers)
     answers = forced_answers(model, samples, params.fast_answer)
+    spans = sample_spans(model, samples, params.span)
     out: dict[int, SampleScore] = {}
     with hooked(model.bridge, recorder.hooks()), torch.no_grad():
-        for pre in prefilled(model, samples, chunk=params.prefill_chunk, reuse=params.reuse_prefix):
+        for pre in prefilled(
+            model, samples, chunk=params.prefill_chunk, reuse=params.reuse_prefix, hold_last=True
+        ):
             s = samples[pre.index]
             ans = answers[pre.index]
             n_ans, n = int(ans.shape[0]), int(s.context.shape[0])
-            preds = [int(pre.last_logits.argmax())]
-            score = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
-            if n_ans > 1:
-                recorder.total, recorder.active = n + n_ans - 1, True
-                logits, _ = forward_step(model, ans[:-1], pre.cache, keep=n_ans - 1)
-                recorder.active = False
-                preds += logits.argmax(dim=-1).tolist()
-                tokens = torch.cat([s.context, ans[:-1]])
-                score = copy_hits(recorder.argmax(), tokens, ans[1:], s.needle_span)
+            fed = torch.cat([s.context[-1:], ans[:-1]])
+            recorder.total, recorder.active = n + n_ans - 1, True
+            logits, _ = forward_step(model, fed, pre.cache, keep=n_ans)
+            recorder.active = False
+            preds = logits.argmax(dim=-1).tolist()
+            tokens = torch.cat([s.context, ans[:-1]])
+            span = spans[pre.index]
+            score = copy_hits(recorder.argmax()[:, 0], tokens, ans, span)
             text = model.codec.decode(preds).strip()
             recall = rouge1_recall(s.real_needle, text)
-            out[pre.index] = SampleScore(pre.index, score, recall, text, n_ans - 1, pre.reused)
+            counted = preds == ans.tolist()
+            out[pre.index] = SampleScore(
+                pre.index, score, recall, text, n_ans, pre.reused, span, counted
+            )
     return [out[i] for i in range(len(samples))]

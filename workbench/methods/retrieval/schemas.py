@@ -8,6 +8,7 @@ from typing import Literal
 from workbench.errors import WorkbenchError
 
 MODES = ("faithful", "fast")
+SPANS = ("real_needle", "paper_search", "needle")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,14 @@ class RetrievalParams:
             "fast: teacher-forced, one forward over the answer tokens"
         },
     )
+    span: Literal["real_needle", "paper_search", "needle"] = field(
+        default="real_needle",
+        metadata={
+            "help": "where copy hits count: real_needle located exactly in the context (the "
+            "paper's span), paper_search (the authors' token-set search for it, which can miss "
+            "on byte-level BPE), or needle (the whole inserted needle sentence)"
+        },
+    )
     fast_answer: Literal["real_needle", "needle"] = field(
         default="real_needle",
         metadata={
@@ -29,11 +38,15 @@ class RetrievalParams:
         },
     )
     max_new_tokens: int = field(
-        default=48, metadata={"help": "faithful mode: most tokens generated per sample"}
+        default=50,
+        metadata={"help": "faithful mode: most tokens generated per sample (the paper's 50)"},
     )
     recall_threshold: float = field(
         default=0.5,
-        metadata={"help": "a sample counts when ROUGE-1 recall of its answer is > this"},
+        metadata={
+            "help": "faithful mode: a sample counts when ROUGE-1 recall (Porter-stemmed) of its "
+            "answer is > this (the paper's 0.5); fast mode counts by its greedy filter"
+        },
     )
     prefill_chunk: int = field(
         default=512, metadata={"help": "context tokens per prefill forward (bounds memory)"}
@@ -42,8 +55,25 @@ class RetrievalParams:
         default=True,
         metadata={"help": "reuse the KV cache of the prefix a sample shares with the next one"},
     )
+    decode_batch: int = field(
+        default=16,
+        metadata={"help": "faithful mode: samples of one length decoded together (1: one by one)"},
+    )
+
+    lookahead: int = field(
+        default=8,
+        metadata={
+            "help": "faithful mode: tokens drafted from the context and verified per decoding "
+            "forward (prompt lookup; only what greedy decoding would produce is kept; 0: one "
+            "token per forward)"
+        },
+    )
 
     def validate(self) -> None:
+        if self.lookahead < 0:
+            raise WorkbenchError(
+                "retrieval_heads: lookahead must be >= 0", "use lookahead = 8 (or 0)"
+            )
         if self.max_new_tokens < 2:
             raise WorkbenchError(
                 f"retrieval_heads: max_new_tokens must be >= 2, got {self.max_new_tokens}",
@@ -53,6 +83,10 @@ class RetrievalParams:
             raise WorkbenchError(
                 f"retrieval_heads: recall_threshold {self.recall_threshold:g} outside [0, 1)",
                 "use recall_threshold = 0.5 (the paper's)",
+            )
+        if self.decode_batch < 1:
+            raise WorkbenchError(
+                "retrieval_heads: decode_batch must be >= 1", "use decode_batch = 16"
             )
         if self.prefill_chunk < 1:
             raise WorkbenchError(
