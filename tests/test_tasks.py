@@ -540,7 +540,7 @@ def test_builtin_tasks_with_smollm2_tokenizer():
     assert colored.clean.shape == colored.corrupt.shape == (16, colored.seq_len)
     induction = build_task("induction", codec)
     assert induction.clean.shape == (8, 39)
-    needle = build_task("needle", codec, {"context_lengths": [512, 1024]})
+    needle = build_task("needle", codec, {"context_lengths": [512, 1024], "n_needles": 1})
     assert needle.n == 10 and needle.meta["chat_template"] is True
     for s in needle.samples:
         start, end = s.needle_span
