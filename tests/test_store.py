@@ -523,3 +523,18 @@ def test_default_root_is_under_workbench_home(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
     assert workbench_home() == tmp_path / "home" and (tmp_path / "home").is_dir()
     assert ResultStore().root == tmp_path / "home" / "store"
+
+
+def test_load_by_id_or_prefix(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    key = make_key()
+    store.put(key, make_tables(key))
+    assert store.load(key.run_id[:6]).run_id == key.run_id
+    assert store.load(key.run_id).tables["heads"].shape[0] == 6
+    with pytest.raises(WorkbenchError, match="no stored run id starts with"):
+        store.load("ffffffff")
+    _flip_bytes(tmp_path / "results" / key.run_id / "heads.parquet")
+    with pytest.raises(WorkbenchError, match="damaged or gone") as err:
+        store.load(key.run_id[:6])
+    assert "\n" not in str(err.value)
+    assert _catalog_ids(tmp_path) == []  # the damaged run was removed

@@ -130,3 +130,18 @@ def test_source_of_another_model_is_refused(load, toy, home):
         run_analysis("causal_validation", toy, "induction", task_params=TASK, store=home,
                      params={"source_run": other.run_id, "ks": [1], "n_random": 1})  # fmt: skip
     assert len(home.list_runs()) == before
+
+
+def test_source_is_read_from_the_store_the_runner_holds(toy, home, tmp_path):
+    """The source run lives only in the caller's store, not in the default one: the runner
+    reads it there (the registry entry's ``inputs``) and stores the validation there too."""
+    from workbench.store import ResultStore
+
+    other = ResultStore(tmp_path / "elsewhere")
+    src = run_analysis("head_detectors", toy, "induction", task_params=TASK, store=other)
+    assert home.list_runs().empty
+    params = {"source_run": src.run_id, "source_metric": "induction", "ks": [1], "n_random": 1}
+    out = run_analysis("causal_validation", toy, "induction", task_params=TASK, store=other,
+                       params=params)  # fmt: skip
+    assert out.manifest["extra"]["source_run"] == src.run_id
+    assert home.list_runs().empty and len(other.list_runs()) == 2

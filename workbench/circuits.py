@@ -123,9 +123,7 @@ def run_scores(
     store: ResultStore, run_id: str, metric: str | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """A stored run's ``[n_layers, n_heads]`` score matrix of ``metric`` and facts about it."""
-    stored = store.get(store.resolve(run_id))
-    if stored is None:
-        raise WorkbenchError(f"run {run_id} is damaged or gone", "run its spec again")
+    stored = store.load(run_id)
     heads = stored.tables.get("heads")
     if heads is None or heads.empty:
         raise WorkbenchError(f"run {stored.run_id} has no per-head scores", "use a per-head run")
@@ -354,9 +352,7 @@ def save_circuit(
 
 def load_circuit(store: ResultStore, run_id: str) -> Circuit:
     """The circuit stored by :func:`save_circuit` under ``run_id`` (a prefix is enough)."""
-    stored = store.get(store.resolve(run_id))
-    if stored is None:
-        raise WorkbenchError(f"run {run_id} is damaged or gone", "derive the circuit again")
+    stored = store.load(run_id)
     body = stored.manifest.get("extra", {}).get("circuit")
     if stored.key.get("analysis") != CIRCUIT_ANALYSIS or body is None:
         raise WorkbenchError(

@@ -152,9 +152,7 @@ def show(
     from workbench.store import ResultStore
 
     store = ResultStore()
-    stored = store.get(store.resolve(run_id))
-    if stored is None:
-        raise WorkbenchError(f"run {run_id} is damaged or gone", "run its spec again")
+    stored = store.load(run_id)
     if info:
         facts = stored.manifest.get("extra") or {}
         typer.echo("info: " + json.dumps(facts, indent=2, default=str, sort_keys=True))

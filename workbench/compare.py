@@ -69,9 +69,7 @@ def compare_runs(
 
     mats = []
     for rid, metric in ((run_a, metric_a), (run_b, metric_b)):
-        stored = store.get(store.resolve(rid))
-        if stored is None:
-            raise WorkbenchError(f"run {rid} is damaged or gone", "run its spec again")
+        stored = store.load(rid)
         result = AnalysisResult.from_stored(stored)
         if result.heads.empty:
             raise WorkbenchError(f"run {rid} has no per-head table", "compare per-head runs")

@@ -53,9 +53,7 @@ def gather(store: ResultStore, run_ids: Sequence[str], table: str = "heads") -> 
 
     frames = []
     for rid in run_ids:
-        stored = store.get(store.resolve(rid))
-        if stored is None:
-            raise WorkbenchError(f"run {rid} is damaged or gone", "run its spec again")
+        stored = store.load(rid)
         if table == INFO and INFO not in stored.tables:
             frames.append(info_table(stored.run_id, stored.manifest.get("extra") or {}))
             continue

@@ -21,7 +21,7 @@ from workbench.methods.patching.schemas import ActivationPatchingParams
 from workbench.methods.retrieval.schemas import RetrievalParams
 from workbench.methods.schemas import HeadDetectorParams
 from workbench.methods.sinks_schemas import SinkParams
-from workbench.methods.validation_schemas import ValidationParams
+from workbench.methods.validation_schemas import ValidationParams, source_inputs
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,9 @@ class Analysis:
     checks: tuple[str, ...] = ()
     """Self-checks of library internals its fast paths rely on (``models.selfcheck.CHECKS``):
     run before it computes, and a recorded failure keeps its stored results from being served."""
+    inputs: Callable[[Any, Any], dict[str, Any]] | None = None
+    """``(params, store) -> keyword arguments``: what it reads from the results store, resolved
+    by the runner from the store it holds and passed to the function (torch-free)."""
 
     def load(self) -> Callable[..., Any]:
         fn = getattr(importlib.import_module(self.module), self.function)
@@ -183,6 +186,7 @@ register(
         default_task="needle",
         task_kind="any",
         version="2",  # needle recall by stemmed ROUGE-1 (rouge-score)
+        inputs=source_inputs,
         checks=("kv_cache",),
         reference="Wu et al. 2024 (masking retrieval heads); Wang et al. 2022 (ablation)",
     )

@@ -127,14 +127,22 @@ def _with_bos(model: LoadedModel, prepend_bos: bool | None) -> LoadedModel:
     return replace(model, codec=codec)
 
 
-def compute(request: RunRequest, model: LoadedModel, key: RunKey) -> tuple[dict[str, Any], dict]:
-    """Build the prompts, run the analysis function, and return (tables, manifest facts)."""
+def compute(
+    request: RunRequest, model: LoadedModel, key: RunKey, store: ResultStore | None = None
+) -> tuple[dict[str, Any], dict]:
+    """Build the prompts, run the analysis function, and return (tables, manifest facts).
+    ``store``: where the analysis's declared ``inputs`` are read (default: the default store)."""
     from workbench.models.selfcheck import require
     from workbench.tasks import build_task
 
     analysis, parsed, task, task_params = request.resolve()
     model = _with_bos(model, request.prepend_bos)
     checks = require(model, *request.checks())  # before anything is computed or stored
+    inputs: dict[str, Any] = {}
+    if analysis.inputs is not None:
+        from workbench.store import ResultStore
+
+        inputs = analysis.inputs(parsed, store if store is not None else ResultStore())
     t0 = time.perf_counter()
     prompts = build_task(task, model.codec, task_params)
     _check_prompts(prompts, model)
@@ -143,9 +151,9 @@ def compute(request: RunRequest, model: LoadedModel, key: RunKey) -> tuple[dict[
     if isinstance(prompts, PromptGroups):  # lengths differ: one run per length, one result
         from workbench.groups import merge_outputs
 
-        output = merge_outputs(prompts, [fn(model, g, parsed) for g in prompts.groups])
+        output = merge_outputs(prompts, [fn(model, g, parsed, **inputs) for g in prompts.groups])
     else:
-        output = fn(model, prompts, parsed)
+        output = fn(model, prompts, parsed, **inputs)
     _refuse_nan(output, analysis.name)
     t2 = time.perf_counter()
     tables = dict(output.tables)
@@ -229,7 +237,7 @@ def run_analysis(
     fp = None if isinstance(model, str) else model.fingerprint
     key = request.key(fp)
     stored = store.get_or_compute(
-        key, lambda: compute(request, pool.get(name), key), serve=request.servable(key)
+        key, lambda: compute(request, pool.get(name), key, store), serve=request.servable(key)
     )
     if not stored.from_store:
         from workbench.compare import record_agreement

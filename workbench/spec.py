@@ -158,7 +158,7 @@ def run_spec(
             pool = pool or ModelPool()
 
             def work(req: RunRequest = req, key: Any = key, pool: Any = pool) -> Any:
-                return compute(req, pool.get(req.model), key)
+                return compute(req, pool.get(req.model), key, store)
 
             stored = store.get_or_compute(key, work, serve=servable)
             status = "stored" if stored.from_store else "computed"

@@ -114,12 +114,20 @@ def _needle_values(
 
 @on_fast_linears
 def causal_validation(
-    model: LoadedModel, prompts: PromptSet | NeedleSet, params: ValidationParams
+    model: LoadedModel,
+    prompts: PromptSet | NeedleSet,
+    params: ValidationParams,
+    *,
+    source: tuple[np.ndarray, dict[str, Any]] | None = None,
 ) -> AnalysisOutput:
-    """Task metric with the top-k heads ablated vs random k-sets, for each k (module doc)."""
+    """Task metric with the top-k heads ablated vs random k-sets, for each k (module doc).
+
+    ``source``: the source run's ``(scores, facts)``; the runner passes them from the store it
+    holds (``validation_schemas.source_inputs``); a direct call without them reads the default
+    store."""
     import pandas as pd
 
-    scores, info = source_scores(params.source_run, params.source_metric)
+    scores, info = source or source_scores(params.source_run, params.source_metric)
     if info["model"] != model.name or scores.shape != (model.n_layers, model.n_heads):
         raise WorkbenchError(
             f"run {info['run_id']} scores model {info['model']} ({scores.shape[0]}x"

@@ -10,14 +10,22 @@ import numpy as np
 from workbench.errors import WorkbenchError
 
 
-def source_scores(run: str, metric: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+def source_scores(
+    run: str, metric: str = "", store: Any = None
+) -> tuple[np.ndarray, dict[str, Any]]:
     """``[n_layers, n_heads]`` scores of ``metric`` (default: the run's first) of the stored
-    run ``run`` (id or unique prefix) in the default store (``$WORKBENCH_HOME/store``), read
+    run ``run`` (id or unique prefix) in ``store`` (default: ``$WORKBENCH_HOME/store``), read
     only; one-line WorkbenchError when the run or metric is missing."""
     from workbench.circuits import run_scores
     from workbench.store import ResultStore
 
-    return run_scores(ResultStore(), run, metric or None)
+    return run_scores(store if store is not None else ResultStore(), run, metric or None)
+
+
+def source_inputs(params: ValidationParams, store: Any) -> dict[str, Any]:
+    """The stored inputs of a causal validation, read by the runner from the store it holds
+    (the registry entry's ``inputs``): the source run's scores and facts."""
+    return {"source": source_scores(params.source_run, params.source_metric, store)}
 
 
 @dataclass(frozen=True)

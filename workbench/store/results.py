@@ -108,6 +108,17 @@ class ResultStore:
             self._evict(row, problem)
         return result
 
+    def load(self, id_or_prefix: str) -> StoredResult:
+        """The intact stored run whose id is or starts with ``id_or_prefix``; a one-line
+        WorkbenchError when none, several, or a damaged one (which is then removed) match."""
+        run_id = self.resolve(id_or_prefix)
+        stored = self.get(run_id)
+        if stored is None:
+            raise WorkbenchError(
+                f"run {run_id} is damaged or gone", "run its spec again to recompute it"
+            )
+        return stored
+
     def has(self, run_id: str) -> bool:
         """True when ``run_id`` has a catalog row and all its files are intact."""
         _check_run_id(run_id)
