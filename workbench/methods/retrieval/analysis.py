@@ -71,9 +71,10 @@ def _refuse_empty(scored: list[SampleScore], params: RetrievalParams) -> None:
     if not any(s.counted for s in scored):
         best = max(scored, key=lambda s: s.recall)
         rule = (
-            "the forced answer was the model's greedy continuation"
+            "a sample counts when its forced answer is the model's own greedy continuation"
             if params.mode == "fast"
-            else f"ROUGE-1 recall > {params.recall_threshold:g}"
+            else f"a sample counts when its answer's ROUGE-1 recall exceeds "
+            f"{params.recall_threshold:g}"
         )
         answer = " ".join(best.answer.split())[:60]
         fix = (
@@ -82,7 +83,7 @@ def _refuse_empty(scored: list[SampleScore], params: RetrievalParams) -> None:
             else "use needles the model answers (or a larger max_new_tokens)"
         )
         raise WorkbenchError(
-            f"retrieval_heads: no sample counts ({rule}) in any of the {len(scored)} samples; "
+            f"retrieval_heads: no sample counts of {len(scored)} ({rule}); "
             f"nothing to score (best recall {best.recall:.2f}: {answer!r})",
             fix,
         )
