@@ -160,3 +160,43 @@ def test_smollm2_atlas_has_270_rows(tmp_path):
     atlas = build_atlas("smollm2-135m", store)
     assert len(atlas.table) == 270 and (atlas.n_layers, atlas.n_heads) == (30, 9)
     assert atlas.table["head_detectors.induction@induction"].notna().all()
+
+
+def toy_analysis(model, prompts, params):
+    """A registered-in-a-test analysis: head (l, h) scores ``(l * n_heads + h) * scale``."""
+    from workbench.types import AnalysisOutput, HeadMetric
+
+    n = model.n_layers * model.n_heads
+    mean = np.arange(n, dtype=float).reshape(model.n_layers, model.n_heads) * params.scale
+    return AnalysisOutput(head_metrics={"toy_score": HeadMetric(mean, None, prompts.n)})
+
+
+def test_a_new_analysis_is_one_registry_entry(load, store, monkeypatch):
+    """Adding an analysis touches its own code and one registry line: its entry declares the
+    atlas roles and variants, and generic code (runner, atlas) needs nothing else."""
+    from dataclasses import dataclass, field
+
+    from workbench import registry
+    from workbench.types import RoleRule
+
+    @dataclass(frozen=True)
+    class ToyParams:
+        scale: float = field(default=1.0, metadata={"help": "score multiplier"})
+        flavour: str = field(default="plain", metadata={"help": "a variant parameter"})
+
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))
+    registry.register(
+        registry.Analysis(
+            name="toy_scores", description="toy", params_cls=ToyParams, module=__name__,
+            function="toy_analysis", default_task="induction", variant_params=("flavour",),
+            roles=(RoleRule("toy head", "toy_score", ">", 5.5, "toy_scores"),),
+        )
+    )  # fmt: skip
+    model = load("tiny-llama")
+    run_analysis("toy_scores", model, task_params={"seq_len": 6, "n_prompts": 2}, store=store,
+                 params={"flavour": "spicy"})  # fmt: skip
+    atlas = build_atlas("tiny-llama", store)
+    column = "toy_scores[spicy].toy_score@induction"
+    assert column in atlas.columns
+    assert atlas.roles_of(1, 3) == [f"toy head: {column} > 5.5"]  # value 7 (2 layers x 4 heads)
+    assert atlas.roles_of(1, 1) == []  # value 5

@@ -9,9 +9,9 @@ runs that differ only in parameters not named in the column (a task's ``seq_len`
 BOS policy) replace each other, the newest wins, and ``<column>__run`` gives the run id of every
 value. ``Atlas.provenance`` has one row per column (run, created time, parameters).
 
-Variants: the parameters that change what a column *means* are part of its name, as data in
-:data:`VARIANT_PARAMS` (e.g. the patched component of activation patching; the direction when
-it is not the default).
+Variants: the parameters that change what a column *means* are part of its name, as each
+analysis declares on its registry entry (``variant_params``; e.g. the patched component of
+activation patching; the direction when it is not the default).
 
 KV-head metrics (activation patching of ``k`` / ``v`` under grouped-query attention, stored with
 the KV-head index in ``head``) are **broadcast to the query heads that share the KV head**: query
@@ -21,9 +21,10 @@ variant ``kv`` (``activation_patching[k,kv].logit_diff@ioi``), and no role rule 
 Head grid: ``n_layers x n_heads`` is derived from the stored head tables (largest layer and
 query-head index + 1, over runs whose head axis is the query head), so no model is loaded.
 
-Roles: :data:`ROLE_RULES` lists ``(role, metric, op, threshold)`` rules, stated once here; a rule
-applies to every score column whose metric matches (and whose analysis matches where the rule
-names one), only where such a column exists. A head's ``roles`` cell lists
+Roles: each analysis's registry entry declares its ``(role, metric, op, threshold)`` rules
+(``roles``; :func:`role_rules` collects them); a rule applies to every score column whose
+metric matches (and whose analysis matches where the rule names one), only where such a column
+exists. A head's ``roles`` cell lists
 ``"induction head: head_detectors.induction@induction > 0.4"`` style labels, ``; ``-joined.
 """
 
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.errors import WorkbenchError
 from workbench.figures import head_heatmap
+from workbench.types import RoleRule
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,58 +46,38 @@ if TYPE_CHECKING:
 
     from workbench.store import ResultStore
 
-__all__ = ["ROLE_RULES", "VARIANT_PARAMS", "Atlas", "RoleRule", "build_atlas"]
+__all__ = ["ROLE_RULES", "Atlas", "RoleRule", "build_atlas", "role_rules", "variant_params"]
 
 
-@dataclass(frozen=True)
-class RoleRule:
-    """``role`` is given to a head whose ``metric`` score ``op`` ``threshold`` (``>`` or ``<``)."""
+def role_rules() -> tuple[RoleRule, ...]:
+    """Every registered analysis's role rules (declared on its registry entry), in registry
+    order. Thresholds are this project's choices (Wu et al. 2024 use 0.1 for retrieval heads);
+    a rule only applies where a column of its analysis and metric exists."""
+    from workbench.registry import REGISTRY
 
-    role: str
-    metric: str
-    op: str
-    threshold: float
-    analysis: str | None = None
-    source: str = ""
-
-    def matches(self, analysis: str, metric: str) -> bool:
-        return self.metric == metric and (self.analysis is None or self.analysis == analysis)
-
-    def label(self, column: str) -> str:
-        return f"{self.role}: {column} {self.op} {self.threshold:g}"
+    return tuple(rule for entry in REGISTRY.values() for rule in entry.roles)
 
 
-ROLE_RULES: tuple[RoleRule, ...] = (
-    RoleRule("induction head", "induction", ">", 0.4, "head_detectors", "Olsson et al. 2022"),
-    RoleRule("previous-token head", "previous_token", ">", 0.4, "head_detectors"),
-    RoleRule("duplicate-token head", "duplicate_token", ">", 0.4, "head_detectors"),
-    RoleRule("retrieval head", "retrieval_score", ">", 0.1, None, "Wu et al. 2024"),
-    RoleRule("sink head", "sink_share", ">", 0.5, None, "Xiao et al. 2023"),
-)
-"""The role rules, in one place. Thresholds are this project's choices (Wu et al. 2024 use 0.1
-for retrieval heads); a rule only applies where a column with its metric exists."""
+def variant_params() -> dict[str, tuple[str, ...]]:
+    """Per analysis, the parameters that enter its atlas column name (declared on its registry
+    entry; the first always, the others only when they differ from the schema default)."""
+    from workbench.registry import REGISTRY
 
-VARIANT_PARAMS: dict[str, tuple[str, ...]] = {
-    "activation_patching": ("component", "direction"),
-    "attribution_patching": ("direction",),
-    "path_patching": ("receivers", "direction"),
-}
-"""Per analysis, the parameters that enter the column name (the first always; the others only
-when they differ from the schema default)."""
+    return {name: entry.variant_params for name, entry in REGISTRY.items() if entry.variant_params}
+
+
+ROLE_RULES: tuple[RoleRule, ...] = role_rules()
+"""The rules of the analyses registered when this module was imported (see :func:`role_rules`)."""
 
 _OPS: dict[str, Callable[[Any, Any], Any]] = {">": operator.gt, "<": operator.lt}
 
 
 def _variant(analysis: str, params: dict[str, Any], kv: bool) -> str:
-    names = VARIANT_PARAMS.get(analysis, ())
-    defaults: dict[str, Any] = {}
-    try:
-        from workbench.registry import REGISTRY
+    from workbench.registry import REGISTRY
 
-        if analysis in REGISTRY:
-            defaults = {f.name: f.default for f in fields(REGISTRY[analysis].params_cls)}
-    except Exception:  # a registry that fails to import must not hide the store
-        defaults = {}
+    entry = REGISTRY.get(analysis)
+    names = entry.variant_params if entry is not None else ()
+    defaults = {f.name: f.default for f in fields(entry.params_cls)} if entry is not None else {}
     parts = []
     for i, name in enumerate(names):
         if name not in params:
@@ -128,7 +110,7 @@ class Atlas:
     columns: list[str]
     provenance: pd.DataFrame
     role_table: pd.DataFrame
-    rules: tuple[RoleRule, ...] = field(default=ROLE_RULES)
+    rules: tuple[RoleRule, ...] = field(default_factory=role_rules)
 
     def matrix(self, column: str) -> pd.DataFrame:
         """``layer x head`` matrix of one score column."""
@@ -249,9 +231,11 @@ def _collect(store: ResultStore, model: str) -> list[_Column]:
 
 
 def build_atlas(
-    model: str, store: ResultStore | None = None, rules: tuple[RoleRule, ...] = ROLE_RULES
+    model: str, store: ResultStore | None = None, rules: tuple[RoleRule, ...] | None = None
 ) -> Atlas:
-    """The atlas of ``model`` from ``store`` (default: the workbench store); module docstring."""
+    """The atlas of ``model`` from ``store`` (default: the workbench store); module docstring.
+    ``rules``: the role rules (default: every registered analysis's, :func:`role_rules`)."""
+    rules = role_rules() if rules is None else rules
     import numpy as np
     import pandas as pd
 

@@ -250,7 +250,7 @@ def atlas_cmd(
     if column is None:
         typer.echo(a.summary(k=top))
         if len(a.role_table):
-            typer.echo("roles (rules in workbench/atlas.py ROLE_RULES):")
+            typer.echo("roles (rules declared on the analyses' registry entries):")
             for label, n in a.role_table["label"].value_counts(sort=False).items():
                 heads = a.role_table[a.role_table["label"] == label]
                 pairs = zip(heads["layer"], heads["head"], strict=True)

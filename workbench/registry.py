@@ -22,6 +22,7 @@ from workbench.methods.retrieval.schemas import RetrievalParams
 from workbench.methods.schemas import HeadDetectorParams
 from workbench.methods.sinks_schemas import SinkParams
 from workbench.methods.validation_schemas import ValidationParams, source_inputs
+from workbench.types import RoleRule
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,14 @@ class Analysis:
     checks: tuple[str, ...] = ()
     """Self-checks of library internals its fast paths rely on (``models.selfcheck.CHECKS``):
     run before it computes, and a recorded failure keeps its stored results from being served."""
+    roles: tuple[RoleRule, ...] = ()
+    """Role labels it gives heads in the atlas (``workbench.atlas``)."""
+    variant_params: tuple[str, ...] = ()
+    """Parameters that change what its scores mean: they enter its atlas column names."""
+    tasks: tuple[str, ...] = ()
+    """The tasks offered for it (the app's Run page); empty: every prompt-pair task."""
+    head_page: str = ""
+    """Title of its section on the app's Head page (its stored rows of that head), if any."""
     inputs: Callable[[Any, Any], dict[str, Any]] | None = None
     """``(params, store) -> keyword arguments``: what it reads from the results store, resolved
     by the runner from the store it holds and passed to the function (torch-free)."""
@@ -81,6 +90,13 @@ register(
         module="workbench.methods.detectors",
         function="head_detectors",
         default_task="induction",
+        roles=(
+            RoleRule(
+                "induction head", "induction", ">", 0.4, "head_detectors", "Olsson et al. 2022"
+            ),
+            RoleRule("previous-token head", "previous_token", ">", 0.4, "head_detectors"),
+            RoleRule("duplicate-token head", "duplicate_token", ">", 0.4, "head_detectors"),
+        ),
         reference="TransformerLens head_detector; Olsson et al. 2022",
     )
 )
@@ -94,6 +110,7 @@ register(
         module="workbench.methods.dla",
         function="direct_logit_attribution",
         default_task="ioi",
+        head_page="Direct logit attribution",
         reference="Elhage et al. 2021; Wang et al. 2022 (IOI)",
     )
 )
@@ -118,6 +135,7 @@ register(
         module="workbench.methods.attribution",
         function="attribution_patching",
         default_task="ioi",
+        variant_params=("direction",),
         reference="Nanda 2023; Syed et al. 2023 (Attribution patching outperforms ACDC)",
     )
 )
@@ -131,6 +149,7 @@ register(
         function="path_patching",
         default_task="ioi",
         checks=("resume",),
+        variant_params=("receivers", "direction"),
         reference="Wang et al. 2022 (IOI); Goldowsky-Dill et al. 2023",
     )
 )
@@ -144,6 +163,7 @@ register(
         function="activation_patching",
         default_task="ioi",
         checks=("resume",),
+        variant_params=("component", "direction"),
         reference="Wang et al. 2022; Heimersheim & Nanda 2024; TransformerLens patching",
     )
 )
@@ -156,6 +176,9 @@ register(
         module="workbench.methods.sinks",
         function="attention_sinks",
         default_task="texts",
+        roles=(RoleRule("sink head", "sink_share", ">", 0.5, None, "Xiao et al. 2023"),),
+        tasks=("texts",),
+        head_page="Sink statistics",
         reference="Gu et al. 2024; Guo et al. 2024 (active-dormant); Yu et al. 2024 (hidden sinks)",
     )
 )
@@ -171,6 +194,8 @@ register(
         task_kind="needle",
         version="2",  # the paper's span, first-token scoring, stemmed ROUGE-1
         checks=("kv_cache",),
+        roles=(RoleRule("retrieval head", "retrieval_score", ">", 0.1, None, "Wu et al. 2024"),),
+        tasks=("needle",),
         reference="Wu et al. 2024 (Retrieval Head Mechanistically Explains Long-Context "
         "Factuality)",
     )
@@ -188,6 +213,7 @@ register(
         version="2",  # needle recall by stemmed ROUGE-1 (rouge-score)
         inputs=source_inputs,
         checks=("kv_cache",),
+        tasks=("needle",),
         reference="Wu et al. 2024 (masking retrieval heads); Wang et al. 2022 (ablation)",
     )
 )

@@ -87,6 +87,25 @@ class PromptSet:
         )
 
 
+@dataclass(frozen=True)
+class RoleRule:
+    """A role label rule of the head atlas, declared on an analysis's registry entry:
+    ``role`` is given to a head whose ``metric`` score ``op`` ``threshold`` (``>`` or ``<``)."""
+
+    role: str
+    metric: str
+    op: str
+    threshold: float
+    analysis: str | None = None
+    source: str = ""
+
+    def matches(self, analysis: str, metric: str) -> bool:
+        return self.metric == metric and (self.analysis is None or self.analysis == analysis)
+
+    def label(self, column: str) -> str:
+        return f"{self.role}: {column} {self.op} {self.threshold:g}"
+
+
 @dataclass(eq=False)
 class PromptGroups:
     """Prompt sets of one task that differ in token length, one :class:`PromptSet` per length

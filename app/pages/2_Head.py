@@ -7,6 +7,7 @@ import ui
 
 from workbench.attention import attended_tokens, head_figure, top_keys
 from workbench.errors import WorkbenchError
+from workbench.registry import REGISTRY
 
 model_name = ui.page("Head")
 rows = ui.head_rows(model_name)
@@ -45,19 +46,16 @@ roles = atlas.roles_of(layer, head) if atlas is not None else []
 if roles:
     st.success("Roles: " + "; ".join(roles))
 
-dla = mine[mine["analysis"] == "direct_logit_attribution"]
-st.subheader("Direct logit attribution")
-if dla.empty:
-    st.info("No stored direct_logit_attribution run for this model.")
-else:
-    st.dataframe(dla[["metric", "task", "value", "stderr", "run_id"]], hide_index=True)
-
-sinks = mine[mine["analysis"] == "attention_sinks"]
-st.subheader("Sink statistics")
-if sinks.empty:
-    st.info("No stored attention_sinks run for this model.")
-else:
-    st.dataframe(sinks[["metric", "task", "value", "run_id"]], hide_index=True)
+for entry in REGISTRY.values():  # analyses that declare a Head page section
+    if not entry.head_page:
+        continue
+    own = mine[mine["analysis"] == entry.name]
+    st.subheader(entry.head_page)
+    if own.empty:
+        st.info(f"No stored {entry.name} run for this model.")
+    else:
+        shown = [c for c in ("metric", "task", "value", "stderr", "run_id") if c in own]
+        st.dataframe(own[shown], hide_index=True)
 
 st.subheader("Attention map")
 text = ui.prompt_picker("head")

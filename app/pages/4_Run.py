@@ -17,10 +17,11 @@ analysis_name = st.selectbox("Analysis", list(REGISTRY), key="run.analysis")
 analysis = REGISTRY[analysis_name]
 st.caption(analysis.description + (f" — {analysis.reference}" if analysis.reference else ""))
 
-# needle sets and plain texts are their own kinds of prompt sets: only their analyses take them
-OWN_KIND = {"needle", "texts"}
-if analysis.default_task in OWN_KIND or analysis.task_kind == "needle":
-    choices = [analysis.default_task]
+# tasks an analysis declares (needle sets, plain texts) are offered to it alone; the others get
+# every prompt-pair task
+OWN_KIND = {t for entry in REGISTRY.values() for t in entry.tasks}
+if analysis.tasks:
+    choices = list(analysis.tasks)
 else:
     choices = [t for t in TASKS if t not in OWN_KIND and t != "custom"] + [CUSTOM, "custom"]
 task = st.selectbox(
