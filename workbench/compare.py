@@ -160,13 +160,14 @@ def find_counterpart(store: Any, result: Any) -> Any | None:
     return None
 
 
-def record_agreement(store: Any, run_id: str, k: int = 10) -> str | None:
+def record_agreement(store: Any, run: Any, k: int = 10) -> str | None:
     """Store the agreement of attribution patching with exact z patching when both runs exist.
 
-    Called after either is stored. The record (analysis ``attribution_agreement``) holds the
-    table ``agreement`` (one row: :func:`agreement` of the per-head effects, both run ids) and
-    ``cells`` (layer, head, attribution, exact effect). Returns its run id, or None when there
-    is no counterpart yet.
+    The after-store hook of both analyses (their registry entries' ``after_store``), called
+    with the result just stored (``run``: a ``StoredResult``, or a run id to read). The record
+    (analysis ``attribution_agreement``) holds the table ``agreement`` (one row:
+    :func:`agreement` of the per-head effects, both run ids) and ``cells`` (layer, head,
+    attribution, exact effect). Returns its run id, or None when there is no counterpart yet.
     """
     import pandas as pd
 
@@ -174,7 +175,7 @@ def record_agreement(store: Any, run_id: str, k: int = 10) -> str | None:
     from workbench.results import AnalysisResult
     from workbench.types import RunKey
 
-    stored = store.get(run_id)
+    stored = store.get(run) if isinstance(run, str) else run
     if stored is None:
         return None
     result = AnalysisResult.from_stored(stored)

@@ -47,6 +47,8 @@ class Analysis:
     """The tasks offered for it (the app's Run page); empty: every prompt-pair task."""
     head_page: str = ""
     """Title of its section on the app's Head page (its stored rows of that head), if any."""
+    after_store: Callable[[Any, Any], Any] | None = None
+    """``(store, stored result)``: run by the runner after a fresh result of it is stored."""
     inputs: Callable[[Any, Any], dict[str, Any]] | None = None
     """``(params, store) -> keyword arguments``: what it reads from the results store, resolved
     by the runner from the store it holds and passed to the function (torch-free)."""
@@ -60,6 +62,13 @@ class Analysis:
 
     def describe_params(self) -> list[dict[str, Any]]:
         return P.describe(self.params_cls)
+
+
+def _record_agreement(store: Any, stored: Any) -> Any:
+    """After-store hook of attribution and exact patching (imported on use: torch-free)."""
+    from workbench.compare import record_agreement
+
+    return record_agreement(store, stored)
 
 
 REGISTRY: dict[str, Analysis] = {}
@@ -136,6 +145,7 @@ register(
         function="attribution_patching",
         default_task="ioi",
         variant_params=("direction",),
+        after_store=_record_agreement,
         reference="Nanda 2023; Syed et al. 2023 (Attribution patching outperforms ACDC)",
     )
 )
@@ -164,6 +174,7 @@ register(
         default_task="ioi",
         checks=("resume",),
         variant_params=("component", "direction"),
+        after_store=_record_agreement,
         reference="Wang et al. 2022; Heimersheim & Nanda 2024; TransformerLens patching",
     )
 )

@@ -240,7 +240,13 @@ def run_analysis(
         key, lambda: compute(request, pool.get(name), key, store), serve=request.servable(key)
     )
     if not stored.from_store:
-        from workbench.compare import record_agreement
-
-        record_agreement(store, key.run_id)
+        after_store(request.analysis, store, stored)
     return AnalysisResult.from_stored(stored)
+
+
+def after_store(analysis: str, store: ResultStore, stored: Any) -> None:
+    """The analysis's declared after-store hook (its registry entry), on the result just
+    stored (passed, not read back)."""
+    hook = get_analysis(analysis).after_store
+    if hook is not None:
+        hook(store, stored)

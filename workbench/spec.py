@@ -163,9 +163,9 @@ def run_spec(
             stored = store.get_or_compute(key, work, serve=servable)
             status = "stored" if stored.from_store else "computed"
             if not stored.from_store:
-                from workbench.compare import record_agreement
+                from workbench.run import after_store
 
-                record_agreement(store, key.run_id)
+                after_store(req.analysis, store, stored)
         outcome = PartOutcome(req, key.run_id, status, time.perf_counter() - t0)
         outcomes.append(outcome)
         if on_result is not None:
