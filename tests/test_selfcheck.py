@@ -85,6 +85,25 @@ def test_kv_cache_check_fires_with_one_line_naming_versions(load, broken_cache):
     assert selfcheck.failed_for(model.fingerprint, library_versions(), ("resume",)) is None
 
 
+def test_kv_cache_check_covers_the_batched_decoder(load, home, monkeypatch):
+    """Batched-decoding breaks fail the check although single-sequence decoding is right:
+    cropping that keeps the rejected draft tokens (wrong values), and stacking that keeps only
+    the first sample's cache (the library raises: still one line)."""
+    from workbench.methods.retrieval import decode
+
+    model = load("tiny-llama")
+    real_crop = decode._crop
+    monkeypatch.setattr(decode, "_crop", lambda cache, length: None)
+    with pytest.raises(selfcheck.SelfCheckFailed, match="differs from a full forward"):
+        selfcheck.require(model, "kv_cache")
+    monkeypatch.setattr(decode, "_crop", real_crop)  # (undo() would also drop the home)
+    selfcheck.clear_memo()
+    monkeypatch.setattr(decode, "stack_caches", lambda caches: caches[0])
+    with pytest.raises(selfcheck.SelfCheckFailed, match="batched decoder's cache") as err:
+        selfcheck.require(model, "kv_cache")
+    assert "\n" not in str(err.value)
+
+
 def test_resume_check_records_fallbacks_and_patching_stays_exact(load, broken_cache, caplog):
     from workbench.methods.patching import activation_patching
     from workbench.methods.patching.schemas import ActivationPatchingParams

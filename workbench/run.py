@@ -172,6 +172,9 @@ def compute(
     }
     if checks:
         info.setdefault("self_checks", checks)
+    from workbench.models.compat import active
+
+    info["workarounds"] = active()  # upstream breaks worked around (models.compat)
     return tables, info
 
 

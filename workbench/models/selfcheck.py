@@ -14,8 +14,10 @@ Checks (each compares a fast path with a full forward of the same tokens, on a t
   pattern rows sum to one.
 - ``kv_cache``: HF KV-cache decoding through the bridge (retrieval heads' prefill, shared
   prefix copy, greedy decoding; causal validation): prefill 6 tokens, copy the cache, extend by
-  2, then 4 single-token steps; every step's logits equal the full forward's to
-  ``TOL * max(1, max |logit|)``. No exact fallback exists, so a failure is an error.
+  2, then 4 single-token steps; and the batched decoder's cache handling (stacked caches, a
+  multi-token verifying forward, cropping, selecting rows). Every step's logits equal the full
+  forward's to ``TOL * max(1, max |logit|)``. No exact fallback exists, so a failure is an
+  error.
 - ``resume``: the patching engine's resumed runs (``ResumableRun``: blocks called with the
   arguments recorded in the base run, hooks by name): a resume at the middle layer, the last
   block for the final query only, and the suffix-only resume behind the base run's keys and
@@ -160,7 +162,7 @@ def _tokens(model: LoadedModel, rows: int, length: int) -> Any:
 
 
 def check_kv_cache(model: LoadedModel) -> Facts:
-    """Cached decoding equals the full forward (module doc)."""
+    """Cached decoding equals the full forward (module doc), one sequence and batched."""
     import torch
 
     from workbench.methods.retrieval.decode import forward_step
@@ -176,6 +178,12 @@ def check_kv_cache(model: LoadedModel) -> Facts:
             out, cache = forward_step(model, ids[t : t + 1], cache)
             d, _ = _scale_diff(out[-1], full[t])
             worst = max(worst, d)
+        if worst <= tol:  # the batched path only where the plain one holds
+            try:
+                worst = max(worst, _batched_decoding_diff(model))
+            except (AttributeError, RuntimeError, TypeError, ValueError) as e:
+                detail = f"the batched decoder's cache handling fails: {type(e).__name__}: {e}"
+                raise _failure(model, "kv_cache", detail.splitlines()[0]) from e
     if not worst <= tol:
         raise _failure(
             model,
@@ -184,6 +192,36 @@ def check_kv_cache(model: LoadedModel) -> Facts:
             f"(tolerance {tol:.2g})",
         )
     return {"kv_cache": f"ok (max |diff| {worst:.2g})"}
+
+
+def _batched_decoding_diff(model: LoadedModel) -> float:
+    """The batched decoder's cache handling (``retrieval.decode.decode_batch``): caches of two
+    sequences prefilled apart and stacked, a 3-token verifying forward, the cache cropped back
+    to its first token where every layer allows it, then one sequence's row selected and one
+    more step; the largest difference from the full forwards."""
+    from workbench.methods.retrieval.decode import (
+        _crop,
+        _plain_layer,
+        _select,
+        forward_batch,
+        forward_step,
+        stack_caches,
+    )
+
+    ids = _tokens(model, 2, 13)
+    full = model.bridge(ids, prepend_bos=False)
+    cache = stack_caches([forward_step(model, ids[j, :8], None)[1] for j in range(2)])
+    out, cache = forward_batch(model, ids[:, 8:11], cache, keep=3)
+    worst = _scale_diff(out, full[:, 8:11])[0]
+    t = 11
+    if all(_plain_layer(layer) for layer in getattr(cache, "layers", [None])):
+        _crop(cache, 9)
+        t = 9
+    out, cache = forward_batch(model, ids[:, t : t + 1], cache)
+    worst = max(worst, _scale_diff(out[:, -1], full[:, t])[0])
+    cache = _select(cache, [1], 2)
+    out, _ = forward_batch(model, ids[1:2, t + 1 : t + 2], cache)
+    return max(worst, _scale_diff(out[0, -1], full[1, t + 1])[0])
 
 
 def check_resume(model: LoadedModel) -> Facts:

@@ -47,30 +47,25 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def forward_step(
-    model: LoadedModel, ids: Int[Tensor, " pos"], cache: Any | None, keep: int = 1
-) -> tuple[Float[Tensor, "keep vocab"], Any]:
-    """One forward of ``ids`` after ``cache``; the logits of the last ``keep`` positions and
-    the extended cache (``cache`` itself is extended in place by the model)."""
-    kwargs: dict[str, Any] = {"use_cache": True, "logits_to_keep": keep}
-    if cache is not None:
-        kwargs["past_key_values"] = cache
-    logits, cache = model.bridge(
-        ids[None], prepend_bos=False, return_type="logits_and_cache", **kwargs
-    )
-    return logits[0], cache
-
-
-@torch.no_grad()
 def forward_batch(
     model: LoadedModel, ids: Int[Tensor, "batch pos"], cache: Any | None, keep: int = 1
 ) -> tuple[Float[Tensor, "batch keep vocab"], Any]:
-    """:func:`forward_step` for a batch of equally long sequences (no padding, no mask)."""
+    """One forward of equally long sequences ``ids`` (no padding, no mask) after ``cache``;
+    the logits of the last ``keep`` positions and the extended cache (``cache`` itself is
+    extended in place by the model)."""
     kwargs: dict[str, Any] = {"use_cache": True, "logits_to_keep": keep}
     if cache is not None:
         kwargs["past_key_values"] = cache
     logits, cache = model.bridge(ids, prepend_bos=False, return_type="logits_and_cache", **kwargs)
     return logits, cache
+
+
+def forward_step(
+    model: LoadedModel, ids: Int[Tensor, " pos"], cache: Any | None, keep: int = 1
+) -> tuple[Float[Tensor, "keep vocab"], Any]:
+    """:func:`forward_batch` of one sequence."""
+    logits, cache = forward_batch(model, ids[None], cache, keep)
+    return logits[0], cache
 
 
 def _extend(
