@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import caches
 import streamlit as st
-import ui
+import widgets
 
-model = ui.page("workbench — which attention heads do what")
-listed = ui.runs(model)
+model = widgets.page("workbench — which attention heads do what")
+listed = caches.runs(model)
 st.markdown(
     f"""
 Model **{model}** · **{len(listed)}** stored run(s) for it in the results store.

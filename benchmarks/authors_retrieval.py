@@ -111,8 +111,8 @@ def authors_sample(
 
 def eager_hf_model(name: str) -> tuple[Any, Any]:
     """A fresh Hugging Face model of a named workbench model (same weights), eager attention."""
+    from workbench.models.known import fingerprint, get_entry
     from workbench.models.loading import _hf_from_gguf, _hf_from_tiny
-    from workbench.models.registry import fingerprint, get_entry
 
     entry = get_entry(name)
     if entry.source == "gguf":

@@ -49,7 +49,7 @@ def tl_sweep(fn: Any, model: Any, corrupt: Any, cache: Any, metric: Any, index_d
 
 def _ours(model: Any, ps: Any, params: Any, backend: str, reps: int) -> tuple[list[float], Any]:
     """Our sweep ``reps`` times with ``WORKBENCH_LINEAR_BACKEND=backend``: times, last output."""
-    from workbench.methods.patching import activation_patching
+    from workbench.analyses.activation_patching.compute import activation_patching
 
     old = os.environ.get("WORKBENCH_LINEAR_BACKEND")
     os.environ["WORKBENCH_LINEAR_BACKEND"] = backend
@@ -70,7 +70,7 @@ def _ours(model: Any, ps: Any, params: Any, backend: str, reps: int) -> tuple[li
 def main() -> None:
     from transformer_lens import patching
 
-    from workbench.methods.patching import ActivationPatchingParams
+    from workbench.analyses.activation_patching import ActivationPatchingParams
     from workbench.metrics import logit_diff
     from workbench.models.backend import calibrate, fast_linears, onednn_available
     from workbench.models.loading import load_model

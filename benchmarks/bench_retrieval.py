@@ -70,7 +70,7 @@ def authors(
     (wall, CPU) seconds, and how many spans their own search finds."""
     from authors_retrieval import authors_sample, eager_hf_model, paper_span
 
-    from workbench.methods.retrieval.decode import is_stop, sample_spans, stop_ids
+    from workbench.analyses.retrieval_heads.decode import is_stop, sample_spans, stop_ids
 
     hf, tok = eager_hf_model(model.name)
     spans = sample_spans(model, ns.samples, "real_needle")
@@ -96,10 +96,10 @@ def authors(
 def compare(model_name: str, length: int, n_depths: int) -> None:
     import torch
 
+    from workbench.analyses.retrieval_heads import RetrievalParams
+    from workbench.analyses.retrieval_heads.compute import retrieval_heads
+    from workbench.analyses.retrieval_heads.teacher_forced import fast_scores
     from workbench.errors import WorkbenchError
-    from workbench.methods.retrieval.analysis import retrieval_heads
-    from workbench.methods.retrieval.fast import fast_scores
-    from workbench.methods.retrieval.schemas import RetrievalParams
     from workbench.models.backend import fast_linears
     from workbench.models.loading import load_model
     from workbench.tasks import build_task
@@ -179,8 +179,8 @@ def compare(model_name: str, length: int, n_depths: int) -> None:
 
 def child(model_name: str, length: int) -> None:
     """Fast mode on one sample of ``length`` tokens (run in a child process)."""
-    from workbench.methods.retrieval.fast import fast_scores
-    from workbench.methods.retrieval.schemas import RetrievalParams
+    from workbench.analyses.retrieval_heads import RetrievalParams
+    from workbench.analyses.retrieval_heads.teacher_forced import fast_scores
     from workbench.models.loading import load_model
     from workbench.tasks import build_task
 

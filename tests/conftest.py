@@ -25,7 +25,7 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def load():
     """``load(name)``: a session-wide cache of loaded models."""
-    from workbench.run import ModelPool
+    from workbench.runner import ModelPool
 
     pool = ModelPool()
     return pool.get

@@ -20,7 +20,7 @@ TIMEOUT = 120
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """A workbench home whose store holds tiny-llama results (detectors, patching, DLA)."""
-    from workbench.run import run_analysis
+    from workbench.runner import run_analysis
     from workbench.store import ResultStore
 
     root = tmp_path_factory.mktemp("apphome")
@@ -203,7 +203,7 @@ def test_run_page_custom_prompts_run(home):
 
 def test_circuits_page_overlap_of_two_runs(home):
     from workbench.circuits import derive_circuit
-    from workbench.overlap import overlap
+    from workbench.circuits.overlap import overlap
 
     _, store, ids = home
     at = page("5_Circuits")

@@ -11,7 +11,7 @@ import pytest
 from workbench.atlas import ROLE_RULES, build_atlas, column_name
 from workbench.cli import main
 from workbench.errors import WorkbenchError
-from workbench.run import run_analysis
+from workbench.runner import run_analysis
 from workbench.store import ResultStore
 from workbench.types import RunKey
 
@@ -187,8 +187,8 @@ def test_a_new_analysis_is_one_registry_entry(load, store, monkeypatch):
     monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))
     registry.register(
         registry.Analysis(
-            name="toy_scores", description="toy", params_cls=ToyParams, module=__name__,
-            function="toy_analysis", default_task="induction", variant_params=("flavour",),
+            name="toy_scores", description="toy", params_cls=ToyParams,
+            loader=lambda: toy_analysis, default_task="induction", variant_params=("flavour",),
             roles=(RoleRule("toy head", "toy_score", ">", 5.5, "toy_scores"),),
         )
     )  # fmt: skip

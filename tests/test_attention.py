@@ -88,7 +88,7 @@ def test_attended_tokens_are_shares_of_the_attention_mass():
 
 
 def test_layer_position_grid_and_exports(store):
-    from workbench.run import run_analysis
+    from workbench.runner import run_analysis
 
     res = run_analysis(
         "activation_patching",

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.compare import agreement
+from workbench.analyses.attribution_patching import AttributionParams
+from workbench.analyses.attribution_patching.compute import attribution_patching, attribution_scores
+from workbench.circuits.agreement import agreement
 from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name, hooked
-from workbench.methods.attribution import attribution_patching, attribution_scores
-from workbench.methods.attribution_schemas import AttributionParams
 from workbench.tasks import build_task
 from workbench.types import PromptSet
 
@@ -214,8 +214,8 @@ def test_agreement_recorded_when_both_runs_are_stored(toy, store):
     """Storing attribution patching and an exact z sweep of the same prompts (either order)
     stores one agreement record whose numbers equal ``agreement`` of the two effect grids; an
     exact sweep that is not a per-head sweep over all layers gets none."""
-    from workbench.compare import AGREEMENT
-    from workbench.run import run_analysis
+    from workbench.circuits.agreement import AGREEMENT
+    from workbench.runner import run_analysis
 
     task = {"n_prompts": 8, "seq_len": 8}
     other = run_analysis(

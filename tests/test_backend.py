@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from transformer_lens import patching
 
+from workbench.analyses.activation_patching import ActivationPatchingParams
+from workbench.analyses.activation_patching.compute import activation_patching
 from workbench.errors import WorkbenchError
-from workbench.methods.patching import ActivationPatchingParams, activation_patching
 from workbench.metrics import logit_diff
 from workbench.models import backend
 from workbench.models.backend import fast_linears, onednn_available

@@ -101,7 +101,7 @@ def _serve(home: Path, model: str) -> tuple[subprocess.Popen, str]:
 
 
 def _fill_store(home: Path, model: str, n_prompts: int) -> None:
-    from workbench.run import run_analysis
+    from workbench.runner import run_analysis
     from workbench.store import ResultStore
 
     store = ResultStore(home / "store")

@@ -108,7 +108,7 @@ def test_derive_save_load_and_union(store):
 
 
 def test_minimal_faithful_bisection_equals_linear_scan(toy):
-    from workbench.methods.circuit_faithfulness import (
+    from workbench.circuits.faithfulness import (
         baselines,
         circuit_metric,
         faithfulness,
@@ -141,8 +141,8 @@ def test_minimal_faithful_bisection_equals_linear_scan(toy):
 
 
 def test_derive_minimal_faithful_from_store(toy, store):
-    from workbench.methods.circuit_faithfulness import derive_minimal_faithful
-    from workbench.run import run_analysis
+    from workbench.circuits.faithfulness import derive_minimal_faithful
+    from workbench.runner import run_analysis
     from workbench.tasks import build_task
 
     tp = {"seq_len": 6, "n_prompts": 8}
@@ -159,7 +159,7 @@ def test_minimal_faithful_search_finds_the_first_crossing(monkeypatch):
     the first k that reaches the share, where a bisection over [0, N] would jump past it."""
     from types import SimpleNamespace
 
-    import workbench.methods.circuit_faithfulness as cf
+    import workbench.circuits.faithfulness as cf
 
     curve = {0: 0.0, 1: 0.1, 2: 0.3, 3: 0.85, 4: 0.9, 5: 0.2, 6: 0.3, 7: 0.5, 8: 1.0}
     calls: list[int] = []

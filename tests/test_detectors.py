@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformer_lens.head_detector import detect_head
 
+from workbench.analyses.head_detectors import HeadDetectorParams
+from workbench.analyses.head_detectors.compute import head_detectors
 from workbench.hooks import hooked
-from workbench.methods.detectors import head_detectors
-from workbench.methods.schemas import HeadDetectorParams
 from workbench.tasks import build_task
 from workbench.types import PromptSet
 

@@ -7,17 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.errors import WorkbenchError
-from workbench.hooks import hook_name, hooked
-from workbench.methods.dla import (
+from workbench.analyses.direct_logit_attribution import DLAParams
+from workbench.analyses.direct_logit_attribution.compute import (
     attribute,
     direct_logit_attribution,
     final_components,
     final_norm,
-    lens_logits,
-    logit_lens,
 )
-from workbench.methods.dla_schemas import DLAParams, LogitLensParams
+from workbench.analyses.logit_lens import LogitLensParams
+from workbench.analyses.logit_lens.compute import lens_logits, logit_lens
+from workbench.errors import WorkbenchError
+from workbench.hooks import hook_name, hooked
 from workbench.metrics import logit_diff
 from workbench.models.loading import load_model
 from workbench.tasks import build_task

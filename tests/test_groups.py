@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from workbench.groups import pooled
+from workbench.stats import pooled
 
 ROWS = [
     ("When Mary and John went to the store , John gave a drink to",
@@ -30,7 +30,7 @@ def _file(path, rows):
 
 
 def test_pooled_equals_the_statistics_over_all_samples():
-    from workbench.types import mean_stderr
+    from workbench.stats import mean_stderr
 
     rng = np.random.default_rng(0)
     groups = [rng.normal(i, 1 + i, size=(n, 3, 2)) for i, n in enumerate((1, 4, 7))]
@@ -46,7 +46,7 @@ def test_pooled_equals_the_statistics_over_all_samples():
     [("activation_patching", {"component": "z"}), ("direct_logit_attribution", {})],
 )
 def test_custom_pairs_of_two_lengths_are_one_result(load, store, tmp_path, analysis, params):
-    from workbench.run import run_analysis
+    from workbench.runner import run_analysis
 
     model = load("tiny-llama")
     mixed = run_analysis(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.models.registry import MODELS, fingerprint, get_entry
+from workbench.models.known import MODELS, fingerprint, get_entry
 
 
 def test_registry_names_and_honest_descriptions():
@@ -36,7 +36,7 @@ def test_hub_name_offline_fails_fast_naming_the_offline_models(monkeypatch):
 def test_fingerprints_are_stable_and_need_no_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from workbench.models.registry import fingerprint\n"
+        "from workbench.models.known import fingerprint\n"
         "print(fingerprint('toy-induction'), fingerprint('tiny-llama'))"
     )
     out = subprocess.run(
@@ -47,7 +47,7 @@ def test_fingerprints_are_stable_and_need_no_torch():
 
 
 def test_tiny_models_follow_their_tokenizer_and_bos_override(load):
-    from workbench.run import _with_bos
+    from workbench.runner import _with_bos
 
     m = load("tiny-llama")
     assert m.prepend_bos is False  # the word tokenizer adds no BOS

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from workbench.circuits.overlap import overlap, overlap_matrix
 from workbench.errors import WorkbenchError
-from workbench.overlap import hypergeom_sf, overlap, overlap_matrix
+from workbench.stats import hypergeom_sf
 from workbench.types import Circuit, Derivation, Head
 
 

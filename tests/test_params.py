@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from workbench import params as P
+from workbench.analyses.head_detectors import HeadDetectorParams
 from workbench.errors import WorkbenchError
-from workbench.methods.schemas import HeadDetectorParams
 from workbench.registry import get_analysis
 from workbench.types import RunKey
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformer_lens import patching
 
+from workbench.analyses.activation_patching import ActivationPatchingParams
+from workbench.analyses.activation_patching.compute import activation_patching
+from workbench.analyses.activation_patching.resume import ResumableRun
 from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name
-from workbench.methods.patching import ActivationPatchingParams, activation_patching
-from workbench.methods.patching.exact import ResumableRun
 from workbench.metrics import logit_diff
 from workbench.tasks import build_task
 from workbench.types import PromptSet
@@ -257,7 +258,9 @@ def test_bad_input(load, monkeypatch):
         raise AssertionError("the sweep ran")
 
     monkeypatch.setattr(M, "logit_diff", lambda logits, c, i: torch.full(c.shape, float("nan")))
-    monkeypatch.setattr("workbench.methods.patching.analysis.fast_sweep", sweep_must_not_run)
+    monkeypatch.setattr(
+        "workbench.analyses.activation_patching.compute.fast_sweep", sweep_must_not_run
+    )
     with pytest.raises(WorkbenchError, match="NaN"):
         activation_patching(model, ps, p)
 

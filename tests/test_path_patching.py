@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from workbench import params as P
+from workbench.analyses.path_patching import PathPatchingParams
+from workbench.analyses.path_patching.compute import path_patch_sender, path_patching, run_caches
 from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name, hooked
-from workbench.methods.attribution_schemas import PathPatchingParams
-from workbench.methods.path_patching import path_patch_sender, path_patching, run_caches
 from workbench.tasks import build_task
 from workbench.types import Head, PromptSet
 

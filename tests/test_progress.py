@@ -17,7 +17,8 @@ def test_steps_report_to_the_callback_and_reset():
 def test_activation_patching_reports_progress(load):
     import torch
 
-    from workbench.methods.patching import ActivationPatchingParams, activation_patching
+    from workbench.analyses.activation_patching import ActivationPatchingParams
+    from workbench.analyses.activation_patching.compute import activation_patching
     from workbench.types import PromptSet
 
     model = load("tiny-llama")

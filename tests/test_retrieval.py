@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.errors import WorkbenchError
-from workbench.hooks import hook_name, hooked
-from workbench.methods.retrieval.analysis import retrieval_heads
-from workbench.methods.retrieval.decode import (
+from workbench.analyses.retrieval_heads import RetrievalParams
+from workbench.analyses.retrieval_heads.compute import retrieval_heads
+from workbench.analyses.retrieval_heads.decode import (
     ArgmaxRecorder,
     decode_sample,
     prefilled,
     stop_ids,
 )
-from workbench.methods.retrieval.faithful import faithful_scores
-from workbench.methods.retrieval.fast import fast_scores
-from workbench.methods.retrieval.rouge import rouge1_recall, rouge_tokens
-from workbench.methods.retrieval.schemas import RetrievalParams
+from workbench.analyses.retrieval_heads.faithful import faithful_scores
+from workbench.analyses.retrieval_heads.rouge import rouge1_recall, rouge_tokens
+from workbench.analyses.retrieval_heads.teacher_forced import fast_scores
+from workbench.errors import WorkbenchError
+from workbench.hooks import hook_name, hooked
 from workbench.types import NeedleSample, NeedleSet
 
 # ---- ROUGE-1 recall --------------------------------------------------------------------------
@@ -277,7 +277,7 @@ def copy_task(toy, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["faithful", "fast"])
 def test_retrieval_run_is_stored_with_tables_and_info(toy, store, copy_task, mode):
-    from workbench.run import run_analysis
+    from workbench.runner import run_analysis
 
     kw = {"params": {"mode": mode, "max_new_tokens": 5}, "task_params": {"n": 3}, "store": store}
     r = run_analysis("retrieval_heads", toy, copy_task, **kw)
@@ -330,7 +330,7 @@ def test_bad_samples_give_one_line_errors(toy):
     ],
 )
 def test_bad_needle_tasks_store_nothing(load, store, tmp_path, task_params, match):
-    from workbench.run import run_analysis
+    from workbench.runner import run_analysis
 
     if task_params.get("haystack_dir") == "EMPTY":
         (tmp_path / "empty").mkdir()
@@ -369,7 +369,7 @@ def test_smollm2_retrieval_heads_paper_span_and_whole_needle(smollm2):
 
 
 def test_forced_needle_answer_is_the_needle_as_tokenised_in_the_context(load):
-    from workbench.methods.retrieval.fast import forced_answers
+    from workbench.analyses.retrieval_heads.teacher_forced import forced_answers
     from workbench.tasks import build_task
 
     tiny = load("tiny-llama")

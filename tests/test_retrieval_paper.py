@@ -9,12 +9,12 @@ import pytest
 import torch
 from test_retrieval import copy_set
 
+from workbench.analyses.retrieval_heads import RetrievalParams
+from workbench.analyses.retrieval_heads.compute import retrieval_heads
+from workbench.analyses.retrieval_heads.faithful import faithful_scores
+from workbench.analyses.retrieval_heads.span import NOT_FOUND, locate_exact, paper_search
+from workbench.analyses.retrieval_heads.teacher_forced import fast_scores
 from workbench.errors import WorkbenchError
-from workbench.methods.retrieval.analysis import retrieval_heads
-from workbench.methods.retrieval.faithful import faithful_scores
-from workbench.methods.retrieval.fast import fast_scores
-from workbench.methods.retrieval.schemas import RetrievalParams
-from workbench.methods.retrieval.span import NOT_FOUND, locate_exact, paper_search
 from workbench.types import NeedleSample, NeedleSet
 
 NEEDLES = [
@@ -125,7 +125,7 @@ def test_paper_search_finding_no_span_is_an_error(toy):
 def test_run_never_answered_is_an_error_and_stores_nothing(load, store):
     """tiny-llama (random weights) never answers a needle: one-line error, twice (nothing was
     stored to serve the second time), and the store stays empty."""
-    from workbench.run import run_analysis
+    from workbench.runner import run_analysis
 
     for _ in range(2):
         with pytest.raises(WorkbenchError, match="no sample counts") as err:
@@ -140,7 +140,7 @@ def test_run_never_answered_is_an_error_and_stores_nothing(load, store):
 
 
 def test_nan_everywhere_is_never_stored():
-    from workbench.run import _refuse_nan
+    from workbench.runner import _refuse_nan
     from workbench.types import AnalysisOutput, HeadMetric
 
     nan = np.full((2, 3), np.nan)
@@ -159,7 +159,7 @@ def test_smollm2_spans_exact_and_the_authors_search_misses(smollm2):
     """Every shipped needle: the exact span reads " " + real_needle; the authors' search
     finds the first needle's span (a repeated " a" keeps its set overlap at 11/12) and none of
     the others (the first word without its space is another token)."""
-    from workbench.methods.retrieval.decode import sample_spans
+    from workbench.analyses.retrieval_heads.decode import sample_spans
     from workbench.tasks import build_task
 
     ns = build_task("needle", smollm2.codec, {"context_lengths": [300], "depth_percents": [50]})
@@ -191,7 +191,7 @@ def test_smollm2_fast_filter_drops_what_greedy_decoding_does_not_say(smollm2):
 
 
 def test_lookup_draft():
-    from workbench.methods.retrieval.decode import lookup_draft
+    from workbench.analyses.retrieval_heads.decode import lookup_draft
 
     seq = [1, 2, 3, 4, 5, 9, 2, 3]
     assert lookup_draft(seq, 2) == [4, 5]  # after the latest earlier "2 3"

@@ -89,7 +89,7 @@ def test_kv_cache_check_covers_the_batched_decoder(load, home, monkeypatch):
     """Batched-decoding breaks fail the check although single-sequence decoding is right:
     cropping that keeps the rejected draft tokens (wrong values), and stacking that keeps only
     the first sample's cache (the library raises: still one line)."""
-    from workbench.methods.retrieval import decode
+    from workbench.analyses.retrieval_heads import decode
 
     model = load("tiny-llama")
     real_crop = decode._crop
@@ -105,8 +105,8 @@ def test_kv_cache_check_covers_the_batched_decoder(load, home, monkeypatch):
 
 
 def test_resume_check_records_fallbacks_and_patching_stays_exact(load, broken_cache, caplog):
-    from workbench.methods.patching import activation_patching
-    from workbench.methods.patching.schemas import ActivationPatchingParams
+    from workbench.analyses.activation_patching import ActivationPatchingParams
+    from workbench.analyses.activation_patching.compute import activation_patching
     from workbench.tasks import build_task
 
     model = load("tiny-llama")
@@ -132,7 +132,7 @@ def test_resume_check_records_fallbacks_and_patching_stays_exact(load, broken_ca
 
 
 def test_retrieval_refused_before_anything_is_stored(load, broken_cache, store):
-    from workbench.run import run_analysis
+    from workbench.runner import run_analysis
 
     with pytest.raises(selfcheck.SelfCheckFailed, match="self-check 'kv_cache' failed"):
         run_analysis(
@@ -159,7 +159,7 @@ def test_cli_exit_code_2_and_nothing_stored(broken_cache, tmp_path, capsys):
 
 
 def test_stored_result_not_served_under_a_failed_version_set(load, home, store, monkeypatch):
-    from workbench.run import run_analysis
+    from workbench.runner import run_analysis
 
     model = load("tiny-llama")
     args = dict(task_params={"n_prompts": 4}, params={"component": "z"}, store=store)
@@ -195,13 +195,13 @@ def test_compat_switch_enters_the_versions_key(monkeypatch):
 
 
 def test_library_versions_enter_the_run_key(monkeypatch):
-    from workbench.run import RunRequest
+    from workbench.runner import RunRequest
 
     req = RunRequest("head_detectors", "tiny-llama", "induction")
-    a = req.key("fp").run_id
+    a = req.resolve("fp").run_id
     bumped = {**library_versions(), "transformers": "99.0"}
-    monkeypatch.setattr("workbench.run.library_versions", lambda: bumped)
-    assert req.key("fp").run_id != a
+    monkeypatch.setattr("workbench.runner.library_versions", lambda: bumped)
+    assert req.resolve("fp").run_id != a
 
 
 def test_compat_wrapper_passes_a_cache_given_as_cache():

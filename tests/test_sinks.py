@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from workbench.analyses.attention_sinks import SinkParams
+from workbench.analyses.attention_sinks.compute import (
+    attention_sinks,
+    collect_statistics,
+    pattern_statistics,
+)
+from workbench.analyses.attention_sinks.figures import sink_rate_figure, sink_share_heatmap
+from workbench.analyses.attention_sinks.reference import reference_statistics
 from workbench.errors import WorkbenchError
-from workbench.methods.sinks import attention_sinks, collect_statistics, pattern_statistics
-from workbench.methods.sinks_figures import sink_rate_figure, sink_share_heatmap
-from workbench.methods.sinks_reference import reference_statistics
-from workbench.methods.sinks_schemas import SinkParams
-from workbench.run import _with_bos, run_analysis
+from workbench.runner import _with_bos, run_analysis
 from workbench.tasks import build_task
 
 TINY = ["tiny-llama", "tiny-gpt2", "tiny-gemma3"]

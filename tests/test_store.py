@@ -21,7 +21,8 @@ import pandas as pd
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.store import ResultStore, StoredResult
+from workbench.result import Result
+from workbench.store import ResultStore
 from workbench.types import HEAD_TABLE_COLUMNS, RunKey
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_put_get_round_trip_preserves_dtypes(tmp_path: Path) -> None:
     assert put.run_id == key.run_id
 
     got = store.get(key.run_id)
-    assert isinstance(got, StoredResult)
+    assert isinstance(got, Result)
     assert got.from_store is True
     assert got.key == key.as_dict()
     heads = got.tables["heads"]

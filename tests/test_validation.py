@@ -6,10 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from workbench.analyses.causal_validation import ValidationParams, source_scores
+from workbench.analyses.causal_validation.compute import (
+    causal_validation,
+    random_sets,
+    validation_figure,
+)
 from workbench.errors import WorkbenchError
-from workbench.methods.validation import causal_validation, random_sets, validation_figure
-from workbench.methods.validation_schemas import ValidationParams
-from workbench.run import run_analysis
+from workbench.runner import run_analysis
 from workbench.types import Head, NeedleSample, NeedleSet
 
 TASK = {"seq_len": 8, "n_prompts": 16, "seed": 3}
@@ -27,6 +31,12 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture()
 def detectors_run(toy, home):
     return run_analysis("head_detectors", toy, "induction", task_params=TASK, store=home)
+
+
+def _source(params: ValidationParams):
+    from workbench.store import ResultStore
+
+    return source_scores(params.source_run, params.source_metric, ResultStore())
 
 
 def copy_needles(model, n: int = 4) -> NeedleSet:
@@ -76,7 +86,7 @@ def test_prompt_task_top_head_ablation_beats_random(toy, home, detectors_run):
 def test_needle_recall_drops_when_the_top_head_is_ablated(toy, home, detectors_run):
     params = ValidationParams(source_run=detectors_run.run_id, source_metric="induction",
                               ks=(1,), n_random=2, max_new_tokens=5)  # fmt: skip
-    out = causal_validation(toy, copy_needles(toy, n=3), params)
+    out = causal_validation(toy, copy_needles(toy, n=3), params, source=_source(params))
     t = out.tables["validation"]
     assert set(t["metric"]) == {"needle_recall"}
     base = float(t.loc[t["set"] == "none", "value"].iloc[0])
@@ -92,7 +102,9 @@ def test_mean_ablation_runs_on_prompts(toy, home, detectors_run):
                               ks=(1,), n_random=1, ablation="mean")  # fmt: skip
     from workbench.tasks import build_task
 
-    out = causal_validation(toy, build_task("induction", toy.codec, TASK), params)
+    out = causal_validation(
+        toy, build_task("induction", toy.codec, TASK), params, source=_source(params)
+    )
     t = out.tables["validation"]
     assert float(t.loc[t["set"] == "top", "value"].iloc[0]) < float(
         t.loc[t["set"] == "none", "value"].iloc[0]

@@ -208,8 +208,7 @@ def _collect(store: ResultStore, model: str) -> list[_Column]:
             continue
         heads = stored.tables["heads"]
         params = json.loads(str(row.params))
-        extra = stored.manifest.get("extra", {})
-        kv = extra.get("head_axis") == "kv_head"
+        kv = stored.head_axis == "kv_head"
         variant = _variant(str(row.analysis), params, kv)
         for metric, rows in heads.groupby("metric", sort=False):
             name = column_name(str(row.analysis), variant, str(metric), str(row.task))

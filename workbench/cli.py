@@ -37,7 +37,7 @@ def models() -> None:
     """List the named models (offline GGUF models, test models)."""
     import pandas as pd
 
-    from workbench.models.registry import DEFAULT_MODEL, MODELS
+    from workbench.models.known import DEFAULT_MODEL, MODELS
 
     rows = [
         {
@@ -89,24 +89,20 @@ def run(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Run a spec; parts already in the store are read back, not recomputed."""
-    from workbench.registry import get_analysis
-    from workbench.results import AnalysisResult
-    from workbench.spec import PartOutcome, load_spec, run_spec
+    from workbench.runner import PartOutcome
+    from workbench.spec import load_spec, run_spec
     from workbench.store import ResultStore
 
     loaded = load_spec(spec)
-
     store = ResultStore()
 
     def report(outcome: PartOutcome) -> None:
-        r = outcome.request
         typer.echo(
-            f"{outcome.status:>8}  {outcome.run_id}  {r.analysis} / {r.model} / "
-            f"{r.task or get_analysis(r.analysis).default_task}  ({outcome.seconds:.2f}s)"
+            f"{outcome.status:>8}  {outcome.run_id}  {outcome.part.describe()}  "
+            f"({outcome.seconds:.2f}s)"
         )
-        stored = store.get(outcome.run_id) if print_tables else None
-        if stored is not None:
-            result = AnalysisResult.from_stored(stored)
+        result = outcome.result
+        if result is not None:
             for metric in result.metrics:
                 typer.echo(f"  top {top} heads by {metric}:")
                 t = result.top(metric, top)
@@ -115,7 +111,7 @@ def run(
                 )
                 typer.echo("    " + t.to_string(index=False).replace("\n", "\n    "))
 
-    outcomes = run_spec(loaded, store=store, progress=progress, on_result=report)
+    outcomes = run_spec(loaded, store=store, progress=progress, read=print_tables, on_result=report)
     n_stored = sum(o.status == "stored" for o in outcomes)
     typer.echo(
         f"{len(outcomes)} part(s): {len(outcomes) - n_stored} computed, {n_stored} from the store"
@@ -148,15 +144,11 @@ def show(
     """Show one stored run: its key, manifest and top heads."""
     import json
 
-    from workbench.results import AnalysisResult
     from workbench.store import ResultStore
 
-    store = ResultStore()
-    stored = store.load(run_id)
+    result = ResultStore().load(run_id)
     if info:
-        facts = stored.manifest.get("extra") or {}
-        typer.echo("info: " + json.dumps(facts, indent=2, default=str, sort_keys=True))
-    result = AnalysisResult.from_stored(stored)
+        typer.echo("info: " + json.dumps(result.info, indent=2, default=str, sort_keys=True))
     typer.echo(json.dumps(result.key, indent=2, default=str))
     typer.echo(result.summary(k=top) if metric is None else result.top(metric, top).to_string())
     if html is not None:
@@ -226,7 +218,7 @@ def compare(
     k: Annotated[int, typer.Option(help="top-k for the overlap")] = 10,
 ) -> None:
     """Agreement of two per-head runs: Spearman, Pearson and top-k overlap."""
-    from workbench.compare import compare_runs
+    from workbench.circuits.agreement import compare_runs
     from workbench.store import ResultStore
 
     out = compare_runs(ResultStore(), run_a, run_b, metric_a=metric_a, metric_b=metric_b, k=k)
@@ -303,7 +295,7 @@ def overlap_cmd(
     """Run a spec, derive its circuits by one rule, print their overlap (Merullo et al. 2023)."""
     import pandas as pd
 
-    from workbench.overlap_spec import TABLE_COLUMNS, load_step, run_overlap_step
+    from workbench.circuits.overlap_step import TABLE_COLUMNS, load_step, run_overlap_step
     from workbench.spec import load_spec, run_spec
     from workbench.store import ResultStore
 

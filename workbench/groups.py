@@ -2,7 +2,7 @@
 
 A :class:`~workbench.types.PromptGroups` holds one prompt set per length; the runner runs the
 analysis on each and merges the outputs here. For a per-head metric with group means ``m_g``,
-standard errors ``s_g`` (``std(ddof=1) / sqrt(n_g)``, as :func:`~workbench.types.mean_stderr`)
+standard errors ``s_g`` (``std(ddof=1) / sqrt(n_g)``, as :func:`~workbench.stats.mean_stderr`)
 over ``n_g`` prompts, and ``N = sum_g n_g``:
 
 - mean ``m = sum_g n_g m_g / N`` (the mean over all prompts; a head NaN in one group is
@@ -23,30 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
+from workbench.stats import pooled
 from workbench.types import AnalysisOutput, HeadMetric, PromptGroups
-
-
-def pooled(
-    means: Sequence[Any], stderrs: Sequence[Any | None], ns: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mean and standard error over all samples from per-group means / standard errors
-    (module doc); NaN entries of a group are left out of that entry."""
-    m = np.stack([np.asarray(x, dtype=np.float64) for x in means])
-    n = np.asarray(ns, dtype=np.float64).reshape(-1, *([1] * (m.ndim - 1)))
-    w = np.where(np.isnan(m), 0.0, n)
-    total = w.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(total > 0, np.nansum(m * w, axis=0) / total, np.nan)
-        if any(s is None for s in stderrs):
-            return mean, None
-        s = np.stack([np.asarray(x, dtype=np.float64) for x in stderrs])  # type: ignore[arg-type]
-        within = (w - np.where(w > 0, 1.0, 0.0)) * w * np.nan_to_num(s) ** 2
-        between = w * np.nan_to_num(m - mean) ** 2
-        var = (within + between).sum(axis=0) / (total - 1)
-        se = np.where(total > 1, np.sqrt(var / total), np.where(total == 1, 0.0, np.nan))
-    return mean, se
 
 
 def merge_outputs(prompts: PromptGroups, outputs: Sequence[AnalysisOutput]) -> AnalysisOutput:

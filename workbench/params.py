@@ -94,20 +94,35 @@ def to_dict(params: Any) -> dict[str, Any]:
     return out
 
 
+def _kind(tp: Any) -> tuple[str, tuple[Any, ...]]:
+    """How a value of ``tp`` is entered: ``choice`` (with its choices), ``bool``, ``int``,
+    ``float``, ``str``, or ``json`` (anything else: tuples, unions)."""
+    if typing.get_origin(tp) is typing.Literal:
+        return "choice", typing.get_args(tp)
+    for simple in (bool, int, float, str):
+        if tp is simple:
+            return simple.__name__, ()
+    return "json", ()
+
+
 def describe(cls: type) -> list[dict[str, Any]]:
-    """One row per parameter: name, type, default, help (from field metadata)."""
+    """One row per parameter: ``name``, ``type`` (as text), ``default``, ``help`` (from field
+    metadata), and how a form enters it: ``kind`` and ``choices`` (see :func:`_kind`)."""
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
+        kind, choices = _kind(hints[f.name])
         rows.append(
             {
                 "name": f.name,
                 "type": " | ".join(_describe(a) for a in _allowed(hints[f.name])),
                 "default": default,
                 "help": f.metadata.get("help", ""),
+                "kind": kind,
+                "choices": choices,
             }
         )
     return rows

@@ -11,8 +11,9 @@ name = "head_detectors"
 tasks = ["induction", { name = "induction", seq_len = 40 }]   # a name, or a table of task params
 params = { batch_size = 8 }
 ```
-Parts already in the store are not recomputed (resumable: a killed run picks up where it
-stopped). Parsing and key derivation need no torch.
+Loading a spec resolves every part once (analysis, parameters, task, key) and runs nothing;
+:func:`run_spec` hands the parts to the runner. Parts already in the store are not recomputed
+(resumable: a killed run picks up where it stopped). Parsing and key derivation need no torch.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.run import RunRequest, parse_bos
+from workbench.runner import Part, PartOutcome, RunRequest, parse_bos, run_parts
 
 _TOP_KEYS = {"title", "description", "defaults", "analysis", "overlap"}  # overlap: overlap_spec
 _DEFAULT_KEYS = {"models", "prepend_bos"}
@@ -33,9 +34,15 @@ _ANALYSIS_KEYS = {"name", "models", "tasks", "params", "prepend_bos"}
 
 @dataclass(frozen=True)
 class Spec:
+    """A parsed spec: its parts, each resolved once (validated, keyed) when it is loaded."""
+
     path: Path
     title: str
-    requests: tuple[RunRequest, ...]
+    parts: tuple[Part, ...]
+
+    @property
+    def requests(self) -> tuple[RunRequest, ...]:
+        return tuple(p.request for p in self.parts)
 
 
 def _unknown(where: str, keys: set[str], allowed: set[str]) -> None:
@@ -77,7 +84,7 @@ def load_spec(path: str | Path) -> Spec:
         raise WorkbenchError(
             f"{path}: no [[analysis]] entries", "add at least one [[analysis]] table"
         )
-    requests: list[RunRequest] = []
+    parts: list[Part] = []
     for i, entry in enumerate(entries, 1):
         where = f"{path} [[analysis]] #{i}"
         _unknown(where, set(entry), _ANALYSIS_KEYS)
@@ -110,18 +117,9 @@ def load_spec(path: str | Path) -> Spec:
                     raise WorkbenchError(
                         f"{where}: tasks entries must be names or tables", "fix the spec"
                     )
-                req = RunRequest(entry["name"], model, name, params, task, bos)
-                req.resolve()  # validates analysis, params, task and task params now
-                requests.append(req)
-    return Spec(path, str(data.get("title", path.stem)), tuple(requests))
-
-
-@dataclass(frozen=True)
-class PartOutcome:
-    request: RunRequest
-    run_id: str
-    status: str  # "stored" | "computed"
-    seconds: float
+                request = RunRequest(entry["name"], model, name, params, task, bos)
+                parts.append(request.resolve())  # validated and keyed here, once
+    return Spec(path, str(data.get("title", path.stem)), tuple(parts))
 
 
 def run_spec(
@@ -129,45 +127,11 @@ def run_spec(
     *,
     store: Any = None,
     progress: bool = True,
+    read: bool = False,
     on_result: Callable[[PartOutcome], None] | None = None,
 ) -> list[PartOutcome]:
-    """Run every part not already stored; torch is imported only if something must be computed.
-
-    A stored part is only verified (catalog row and file checksums), not read: callers that
-    want its tables call ``store.get(outcome.run_id)``.
-    """
-    import time
-
-    from tqdm.auto import tqdm
-
-    from workbench.store import ResultStore
-
-    store = store or ResultStore()
-    keys = [(req, req.key()) for req in spec.requests]
-    outcomes: list[PartOutcome] = []
-    pool: Any = None
-    bar = tqdm(keys, desc=spec.title, unit="part", disable=not progress)
-    for req, key in bar:
-        bar.set_postfix_str(f"{req.analysis} {req.model} {key.task}")
-        t0 = time.perf_counter()
-        status = "stored"
-        servable = req.servable(key)
-        if not servable or not store.has(key.run_id):
-            from workbench.run import ModelPool, compute
-
-            pool = pool or ModelPool()
-
-            def work(req: RunRequest = req, key: Any = key, pool: Any = pool) -> Any:
-                return compute(req, pool.get(req.model), key, store)
-
-            stored = store.get_or_compute(key, work, serve=servable)
-            status = "stored" if stored.from_store else "computed"
-            if not stored.from_store:
-                from workbench.run import after_store
-
-                after_store(req.analysis, store, stored)
-        outcome = PartOutcome(req, key.run_id, status, time.perf_counter() - t0)
-        outcomes.append(outcome)
-        if on_result is not None:
-            on_result(outcome)
-    return outcomes
+    """Run every part of ``spec`` through :func:`workbench.runner.run_parts` (parts already
+    stored are verified, and read only with ``read=True``)."""
+    return run_parts(
+        spec.parts, store, title=spec.title, progress=progress, read=read, on_result=on_result
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +104,87 @@ class RoleRule:
 
     def label(self, column: str) -> str:
         return f"{self.role}: {column} {self.op} {self.threshold:g}"
+
+
+METRICS = ("logit_diff", "norm_logit_diff", "prob", "loss", "kl")
+"""The final-position metrics of the patching family (``workbench.metrics`` computes them)."""
+
+HEAD_AXES = ("head", "kv_head", "none")
+"""What the ``head`` column of a per-head table indexes: query heads, KV heads (grouped-query
+attention's shared k/v, ``workbench.hooks.kv_group``), or nothing (a per-layer quantity)."""
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Declares that an analysis scores the same per-head quantity as another, one estimating
+    what the other measures exactly (attribution vs activation patching, Syed et al. 2023).
+    ``effects(result)``: its per-head effect ``[n_layers, n_heads]`` on the common scale;
+    ``comparable(params)``: whether a run with these parameters scores that quantity (e.g. a
+    sweep over every head); ``match``: the parameters both runs must share."""
+
+    partner: str
+    role: str  # "estimate" | "reference"
+    effects: Callable[[Any], Any]
+    comparable: Callable[[Mapping[str, Any]], bool] | None = None
+    match: tuple[str, ...] = ("direction", "metric", "prepend_bos")
+
+    def accepts(self, params: Mapping[str, Any]) -> bool:
+        return self.comparable is None or self.comparable(params)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One registry entry: what an analysis is and everything generic code asks of it.
+
+    ``loader()`` imports and returns the pure function ``(model, prompts, params, **inputs) ->
+    AnalysisOutput`` (imported on first call, so listing analyses or answering from the store
+    never imports torch)."""
+
+    name: str
+    description: str
+    params_cls: type
+    loader: Callable[[], Callable[..., Any]]
+    default_task: str
+    task_kind: str = "prompts"  # "prompts" (PromptSet), "needle" (NeedleSet) or "any"
+    version: str = "1"
+    reference: str = ""
+    checks: tuple[str, ...] = ()
+    """Self-checks of library internals its fast paths rely on (``models.selfcheck.CHECKS``):
+    run before it computes, and a recorded failure keeps its stored results from being served."""
+    roles: tuple[RoleRule, ...] = ()
+    """Role labels it gives heads in the atlas (``workbench.atlas``)."""
+    variant_params: tuple[str, ...] = ()
+    """Parameters that change what its scores mean: they enter its atlas column names."""
+    tasks: tuple[str, ...] = ()
+    """The tasks offered for it (the app's Run page); empty: every prompt-pair task."""
+    head_page: str = ""
+    """Title of its section on the app's Head page (its stored rows of that head), if any."""
+    head_axis: Callable[[Mapping[str, Any]], str] | None = None
+    """``params -> one of HEAD_AXES``: what its per-head tables index (default: query heads)."""
+    after_store: Callable[[Any, Any], Any] | None = None
+    """``(store, result)``: run by the runner after a fresh result of it is stored."""
+    inputs: Callable[[Any, Any], dict[str, Any]] | None = None
+    """``(params, store) -> keyword arguments``: what it reads from the results store, resolved
+    by the runner from the store it holds and passed to the function (torch-free)."""
+    agreement: Agreement | None = None
+    """Its pairing with another analysis scoring the same quantity, if any."""
+
+    def load(self) -> Callable[..., Any]:
+        return self.loader()
+
+    def parse_params(self, values: Mapping[str, Any] | None) -> Any:
+        from workbench import params as P
+
+        return P.from_mapping(self.params_cls, values, where=f"analysis '{self.name}'")
+
+    def describe_params(self) -> list[dict[str, Any]]:
+        from workbench import params as P
+
+        return P.describe(self.params_cls)
+
+    def axis(self, params: Mapping[str, Any]) -> str:
+        """What the ``head`` column of its per-head tables indexes for ``params``."""
+        return "head" if self.head_axis is None else self.head_axis(params)
 
 
 @dataclass(eq=False)
@@ -253,16 +334,6 @@ class NeedleSet:
 
     def __repr__(self) -> str:
         return f"NeedleSet(task={self.task!r}, n={self.n}, prepend_bos={self.prepend_bos})"
-
-
-def mean_stderr(samples: Any) -> tuple[Any, Any]:
-    """Mean and standard error over axis 0 (the samples): ``std(ddof=1) / sqrt(n)``, 0 if n = 1."""
-    import numpy as np
-
-    x = np.asarray(samples, dtype=np.float64)
-    n = x.shape[0]
-    se = x.std(axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(x.shape[1:])
-    return x.mean(axis=0), se
 
 
 @dataclass(eq=False)

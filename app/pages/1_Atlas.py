@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 
+import caches
 import streamlit as st
-import ui
+import widgets
 
 t0 = time.perf_counter()
-model_name = ui.page("Head atlas")
-atlas = ui.atlas(model_name)
+model_name = widgets.page("Head atlas")
+atlas = caches.atlas(model_name)
 if atlas is None:
     st.info("No stored per-head scores for this model yet: run analyses on the Run page.")
     st.stop()
@@ -28,7 +29,7 @@ choice = c1.selectbox(
 )
 if c2.button("Open head page", key="atlas.open"):
     layer_s, head_s = choice[1:].split("H")
-    ui.head_link(int(layer_s), int(head_s))
+    widgets.head_link(int(layer_s), int(head_s))
 
 if len(atlas.role_table):
     st.subheader("Roles")

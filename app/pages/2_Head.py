@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import caches
 import streamlit as st
-import ui
+import widgets
 
 from workbench.attention import attended_tokens, head_figure, top_keys
 from workbench.errors import WorkbenchError
 from workbench.registry import REGISTRY
 
-model_name = ui.page("Head")
-rows = ui.head_rows(model_name)
+model_name = widgets.page("Head")
+rows = caches.head_rows(model_name)
 
 qp = st.query_params
 start = st.session_state.get("head", (0, 0))
-with ui.friendly_errors():
+with widgets.friendly_errors():
     start = (int(qp.get("layer", start[0])), int(qp.get("head", start[1])))
 n_layers = int(rows["layer"].max()) + 1 if len(rows) else None
 c1, c2 = st.columns(2)
@@ -41,7 +42,7 @@ else:
             + ", ".join(f"{r.analysis}/{r.metric} #{int(r.rank)}" for r in mine_rank.itertuples())
         )
 
-atlas = ui.atlas(model_name)
+atlas = caches.atlas(model_name)
 roles = atlas.roles_of(layer, head) if atlas is not None else []
 if roles:
     st.success("Roles: " + "; ".join(roles))
@@ -58,15 +59,15 @@ for entry in REGISTRY.values():  # analyses that declare a Head page section
         st.dataframe(own[shown], hide_index=True)
 
 st.subheader("Attention map")
-text = ui.prompt_picker("head")
-with ui.friendly_errors():
-    loaded = ui.model(model_name)
+text = widgets.prompt_picker("head")
+with widgets.friendly_errors():
+    loaded = caches.model(model_name)
     if not (layer < loaded.n_layers and head < loaded.n_heads):
         raise WorkbenchError(
             f"L{layer}H{head} does not exist in {model_name}",
             f"it has {loaded.n_layers} layers x {loaded.n_heads} heads",
         )
-    amap = ui.attention(model_name, text, layer)
+    amap = caches.attention(model_name, text, layer)
 if amap.dense():
     st.plotly_chart(head_figure(amap, head), key="head.fig")
 else:

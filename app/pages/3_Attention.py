@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import caches
 import streamlit as st
-import ui
+import widgets
 
 from workbench.attention import DENSE_LIMIT, head_figure, layer_figure, top_keys
 
-model_name = ui.page("Attention explorer")
-text = ui.prompt_picker("attn")
-with ui.friendly_errors():
-    loaded = ui.model(model_name)
+model_name = widgets.page("Attention explorer")
+text = widgets.prompt_picker("attn")
+with widgets.friendly_errors():
+    loaded = caches.model(model_name)
     c1, c2, c3, c4 = st.columns(4)
     layer = c1.number_input("Layer", 0, loaded.n_layers - 1, 0, key="attn.layer")
     view = c2.radio("Show", ["one head", "all heads of the layer"], key="attn.view")
     head = c3.number_input("Head", 0, loaded.n_heads - 1, 0, key="attn.head")
     limit = int(c4.number_input("Dense map up to (tokens)", 2, 2048, DENSE_LIMIT, key="attn.limit"))
-    amap = ui.attention(model_name, text, int(layer))
+    amap = caches.attention(model_name, text, int(layer))
 
 st.caption(f"{amap.n_tokens} tokens · layer {amap.layer} · {amap.n_heads} heads")
 if amap.dense(limit):

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import caches
 import streamlit as st
-import ui
+import views
+import widgets
 
 from workbench.progress import reporting
 from workbench.registry import REGISTRY
-from workbench.run import RunRequest, run_analysis
+from workbench.runner import ModelPool, RunRequest, run_part
 from workbench.tasks import TASKS
+from workbench.tasks.custom import write_pairs
 
 CUSTOM = "custom prompts (type them)"
 
-model_name = ui.page("Run an analysis")
+model_name = widgets.page("Run an analysis")
 analysis_name = st.selectbox("Analysis", list(REGISTRY), key="run.analysis")
 analysis = REGISTRY[analysis_name]
 st.caption(analysis.description + (f" — {analysis.reference}" if analysis.reference else ""))
@@ -38,43 +41,38 @@ with left:
         incorrect = st.text_input("Incorrect answer (one token)", key="run.incorrect")
         task_params = {}
     else:
-        task_params = ui.param_widgets(TASKS[task].params_cls, f"task.{task}")
+        task_params = widgets.param_widgets(TASKS[task].params_cls, f"task.{task}")
 with right:
     st.subheader("Parameters")
-    params = ui.param_widgets(analysis.params_cls, f"params.{analysis_name}")
+    params = widgets.param_widgets(analysis.params_cls, f"params.{analysis_name}")
     bos = st.selectbox("BOS", ["auto", "true", "false"], key="run.bos")
 prepend_bos = None if bos == "auto" else bos == "true"
 
 if st.button("Run", type="primary", key="run.go"):
-    with ui.friendly_errors():
+    with widgets.friendly_errors():
         run_task = task
         if task == CUSTOM:
-            path = ui.custom_prompt_file(clean, corrupt, correct, incorrect)
-            run_task, task_params = "custom", {"path": path}
+            path = write_pairs(clean, corrupt, correct, incorrect)
+            run_task, task_params = "custom", {"path": str(path)}
         request = RunRequest(analysis_name, model_name, run_task, params, task_params, prepend_bos)
-        run_id = request.key().run_id  # validates everything without loading the model
-        if not ui.store().has(run_id):
+        part = request.resolve()  # validates everything without loading the model
+        store = caches.store()
+        if not store.has(part.run_id):
             bar = st.progress(0.0, text="starting…")
 
             def progress(desc: str, done: int, total: int) -> None:
                 bar.progress(min(1.0, done / max(total, 1)), text=f"{desc} {done}/{total}")
 
+            pool = ModelPool()
+            pool.add(caches.model(model_name))
             with st.spinner(f"Running {analysis_name} on {model_name}…"), reporting(progress):
-                run_analysis(
-                    analysis_name,
-                    ui.model(model_name),
-                    run_task,
-                    params=params,
-                    task_params=task_params,
-                    prepend_bos=prepend_bos,
-                    store=ui.store(),
-                )
+                run_part(part, store, pool, read=False)
             bar.progress(1.0, text="done")
-        st.session_state.last_run = run_id
+        st.session_state.last_run = part.run_id
 
 last = st.session_state.get("last_run")
 if last:
-    res = ui.result(last)
+    res = caches.result(last)
     if res is not None and res.key.get("model") == model_name:
         st.success(f"Result `{last}` is in the store.")
-        ui.show_result(res, key="run.result")
+        views.show_result(res, key="run.result")

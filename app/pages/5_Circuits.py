@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import caches
 import streamlit as st
-import ui
+import widgets
 
 from workbench.circuits import CIRCUIT_ANALYSIS, derive_circuit, load_circuit, run_scores
-from workbench.overlap import overlap
+from workbench.circuits.overlap import overlap
 
-model_name = ui.page("Circuits and overlap")
-listed = ui.runs(model_name)
-per_head = set(ui.head_rows(model_name)["run_id"])
+model_name = widgets.page("Circuits and overlap")
+listed = caches.runs(model_name)
+per_head = set(caches.head_rows(model_name)["run_id"])
 listed = listed[listed["run_id"].isin(per_head) | (listed["analysis"] == CIRCUIT_ANALYSIS)]
 if len(listed) < 2:
     st.info("Needs two stored circuits or per-head runs of this model (see the Run page).")
@@ -27,20 +28,22 @@ def side(col: Any, name: str, default: int) -> tuple[Any, Any, str]:
     with col:
         rid = st.selectbox(f"{name}: run", ids, index=default, format_func=labels.get, key=name)
         if kinds[rid] == CIRCUIT_ANALYSIS:
-            circuit = load_circuit(ui.store(), rid)
+            circuit = load_circuit(caches.store(), rid)
             return circuit, None, f"{name} (circuit {rid[:8]})"
-        res = ui.result(rid)
+        res = caches.result(rid)
         assert res is not None
         metric = st.selectbox(f"{name}: metric", res.metrics, key=f"{name}.metric")
         k = int(st.number_input(f"{name}: top k heads", 1, 500, 10, key=f"{name}.k"))
         absolute = st.checkbox(f"{name}: rank by |score|", key=f"{name}.abs")
-        circuit = derive_circuit(ui.store(), rid, "top_k", metric=metric, k=k, absolute=absolute)
-        scores, _ = run_scores(ui.store(), rid, metric)
+        circuit = derive_circuit(
+            caches.store(), rid, "top_k", metric=metric, k=k, absolute=absolute
+        )
+        scores, _ = run_scores(caches.store(), rid, metric)
         return circuit, scores, f"{name} ({kinds[rid]}.{metric} top {k})"
 
 
 c1, c2 = st.columns(2)
-with ui.friendly_errors():
+with widgets.friendly_errors():
     ca, sa, name_a = side(c1, "A", 0)
     cb, sb, name_b = side(c2, "B", 1)
     result = overlap(ca, cb, scores_a=sa, scores_b=sb, names=(name_a, name_b), n_permutations=2000)

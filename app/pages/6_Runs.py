@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import caches
 import streamlit as st
-import ui
+import widgets
 
 from workbench import export
 
-ui.page("Stored runs")
-listed = ui.runs()
+widgets.page("Stored runs")
+listed = caches.runs()
 if listed.empty:
     st.info("The store is empty: start a run on the Run page.")
     st.stop()
@@ -35,7 +36,7 @@ run_id = st.selectbox(
     ),
     key="runs.pick",
 )
-res = ui.result(run_id)
+res = caches.result(run_id)
 if res is None:
     st.error(f"Run {run_id} is damaged or gone; run it again.")
     st.stop()

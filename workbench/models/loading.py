@@ -21,7 +21,7 @@ from typing import Any
 from workbench.errors import WorkbenchError
 from workbench.home import workbench_home
 from workbench.models.codec import TextCodec, default_prepend_bos
-from workbench.models.registry import ModelEntry, fingerprint, get_entry
+from workbench.models.known import ModelEntry, fingerprint, get_entry
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _offline_error(hf_name: str, why: str) -> WorkbenchError:
-    from workbench.models.registry import MODELS
+    from workbench.models.known import MODELS
 
     offline = ", ".join(n for n, e in MODELS.items() if e.source == "gguf")
     return WorkbenchError(

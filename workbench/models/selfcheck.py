@@ -165,7 +165,7 @@ def check_kv_cache(model: LoadedModel) -> Facts:
     """Cached decoding equals the full forward (module doc), one sequence and batched."""
     import torch
 
-    from workbench.methods.retrieval.decode import forward_step
+    from workbench.analyses.retrieval_heads.decode import forward_step
 
     ids = _tokens(model, 1, 12)[0]
     with torch.no_grad():
@@ -199,7 +199,7 @@ def _batched_decoding_diff(model: LoadedModel) -> float:
     sequences prefilled apart and stacked, a 3-token verifying forward, the cache cropped back
     to its first token where every layer allows it, then one sequence's row selected and one
     more step; the largest difference from the full forwards."""
-    from workbench.methods.retrieval.decode import (
+    from workbench.analyses.retrieval_heads.decode import (
         _crop,
         _plain_layer,
         _select,
@@ -228,7 +228,7 @@ def check_resume(model: LoadedModel) -> Facts:
     """Resumed runs of the patching engine equal the base run (module doc)."""
     import torch
 
-    from workbench.methods.patching.exact import ResumableRun
+    from workbench.analyses.activation_patching.resume import ResumableRun
 
     # Within any sliding window: a window shorter than the prompt is a legitimate fallback of
     # real prompts (recorded by the sweep), not a property of the library.

@@ -1,9 +1,10 @@
 """The results store: a DuckDB catalog plus Parquet files, keyed by run id.
 
 Imports only the standard library here; duckdb, pyarrow and pandas load on first use, and torch
-never does, so the CLI can answer from the store quickly.
+never does, so the CLI can answer from the store quickly. It returns
+:class:`~workbench.result.Result` objects.
 """
 
-from workbench.store.results import ResultStore, StoredResult
+from workbench.store.store import ResultStore
 
-__all__ = ["ResultStore", "StoredResult"]
+__all__ = ["ResultStore"]

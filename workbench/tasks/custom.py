@@ -167,3 +167,38 @@ SPEC = TaskSpec(
     version="2",
     user_files=_user_files,
 )
+
+
+def write_pairs(clean: str, corrupt: str, correct: str, incorrect: str) -> Path:
+    """Write typed clean/corrupted prompts (one per line, paired in order) and the two answers
+    as a JSONL file of this task's records, named by its content (``sha256[:16].jsonl``) under
+    ``$WORKBENCH_HOME/app/prompts``, written atomically; returns its path for ``path=``."""
+    import hashlib
+    import json
+
+    from workbench.home import workbench_home
+
+    cleans = [c for c in clean.splitlines() if c.strip()]
+    corrupts = [c for c in corrupt.splitlines() if c.strip()]
+    if not cleans or not corrupts:
+        raise WorkbenchError("the clean or corrupted prompt is empty", "type both prompts")
+    if len(cleans) != len(corrupts):
+        raise WorkbenchError(
+            f"{len(cleans)} clean prompt(s) but {len(corrupts)} corrupted",
+            "give one corrupted prompt per clean prompt (one per line)",
+        )
+    if not correct or not incorrect:
+        raise WorkbenchError("an answer is empty", "type the correct and the incorrect answer")
+    lines = [
+        json.dumps({"clean": a, "corrupt": b, "correct": correct, "incorrect": incorrect})
+        for a, b in zip(cleans, corrupts, strict=True)
+    ]
+    text = "\n".join(lines) + "\n"
+    folder = workbench_home() / "app" / "prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return path
