@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workbench.tasks import data_dir
+    from workbench.home import data_dir
     from workbench.tasks.factual import load_facts
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -48,9 +48,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from workbench.home import data_dir
 from workbench.models.tiny import (
     boot_bridge,
-    data_dir,
     repeated_tokens,
     save_state_dict,
     tiny_hf_model,

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.errors import WorkbenchError
 from workbench.figures import head_heatmap
+from workbench.hooks import kv_group
 from workbench.types import RoleRule
 
 if TYPE_CHECKING:
@@ -267,7 +268,7 @@ def build_atlas(
                 continue  # not a grouping of the query heads we know: leave it out
             kv_grid = np.full((n_layers, n_kv), np.nan)
             kv_grid[v["layer"].to_numpy(), v["head"].to_numpy()] = v["value"].to_numpy()
-            grid = np.repeat(kv_grid, n_heads // n_kv, axis=1)
+            grid = np.repeat(kv_grid, kv_group(n_heads, n_kv), axis=1)
         else:
             grid[v["layer"].to_numpy(), v["head"].to_numpy()] = v["value"].to_numpy()
         data[c.name] = grid.ravel()

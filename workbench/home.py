@@ -1,4 +1,5 @@
-"""Where the workbench keeps its files (results store, converted models, caches)."""
+"""Where the workbench keeps its files (results store, converted models, caches) and where its
+shipped data is."""
 
 from __future__ import annotations
 
@@ -12,3 +13,9 @@ def workbench_home() -> Path:
     home = Path(env).expanduser() if env else Path.home() / ".cache" / "workbench"
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+def data_dir() -> Path:
+    """The shipped data directory: ``$WORKBENCH_DATA_DIR`` if set, else ``<repo>/data``."""
+    override = os.environ.get("WORKBENCH_DATA_DIR")
+    return Path(override) if override else Path(__file__).resolve().parents[1] / "data"

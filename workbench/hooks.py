@@ -1,4 +1,5 @@
-"""Hook names, built in one place, and the context manager every intervention goes through.
+"""Hook names and layouts, built in one place; the context manager every intervention goes
+through, and :func:`record`, the one way an activation is captured.
 
 TransformerLens 4.x bridge names (per layer ``l``):
 
@@ -16,13 +17,22 @@ kind                hook                                        shape
 ``pattern``         ``blocks.{l}.attn.hook_pattern``            ``batch n_heads q_pos k_pos``
 ``scores``          ``blocks.{l}.attn.hook_attn_scores``        ``batch n_heads q_pos k_pos``
 ==================  ==========================================  ==============================
+
+Layouts: grouped-query attention shares each KV head among ``n_heads / n_kv_heads`` query
+heads; query head ``h`` reads KV head ``kv_head_of(h) = h // (n_heads / n_kv_heads)``
+(:func:`kv_group`). A per-head table's ``head`` column indexes query heads, KV heads or nothing
+(``workbench.types.HEAD_AXES``), as the analysis's registry entry declares.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _LAYER_HOOKS = {
     "resid_pre": "blocks.{l}.hook_resid_pre",
@@ -57,3 +67,68 @@ def hooked(bridge: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[Any
     """Attach forward hooks for the duration of the block; they are removed even on error."""
     with bridge.hooks(fwd_hooks=list(fwd_hooks), reset_hooks_end=True):
         yield bridge
+
+
+def kv_group(n_heads: int, n_kv_heads: int) -> int:
+    """Query heads per KV head (1 without grouped-query attention)."""
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads do not split over {n_kv_heads} KV heads")
+    return n_heads // n_kv_heads
+
+
+def kv_head_of(head: int, n_heads: int, n_kv_heads: int) -> int:
+    """The KV head query head ``head`` reads (module docstring)."""
+    return head // kv_group(n_heads, n_kv_heads)
+
+
+def every_layer(kinds: Iterable[str], n_layers: int) -> list[tuple[str, int]]:
+    """``(kind, layer)`` for each kind at each of ``n_layers`` layers (kind-major)."""
+    return [(kind, layer) for kind in kinds for layer in range(n_layers)]
+
+
+@dataclass(eq=False)
+class Recording:
+    """Activations captured by :func:`record`: ``acts[(kind, layer)]`` and, when asked for,
+    the ``logits`` of the run (``[batch, d_vocab]`` at the last position, or every position)."""
+
+    acts: dict[tuple[str, int], Any] = field(default_factory=dict)
+    logits: Tensor | None = None
+
+    def by_name(self) -> dict[str, Any]:
+        """The same activations keyed by hook name."""
+        return {hook_name(kind, layer): act for (kind, layer), act in self.acts.items()}
+
+
+def record(
+    bridge: Any,
+    tokens: Tensor,
+    points: Iterable[tuple[str, int]],
+    *,
+    keep: Callable[[Tensor], Any] | None = None,
+    logits: str | None = None,
+    during: Sequence[tuple[str, HookFn]] = (),
+) -> Recording:
+    """One forward pass of ``tokens`` (no gradients, BOS not added) capturing the activation of
+    every ``(kind, layer)`` in ``points`` as ``keep(act)`` (default: a detached copy), with the
+    interventions ``during`` attached first (none by default: a clean run). ``logits``: None
+    (not computed), ``"last"`` (the last position) or ``"all"``. Hooks are removed on exit,
+    even on error."""
+    import torch
+
+    out = Recording()
+    keep = keep or (lambda act: act.detach().clone())
+
+    def grab(point: tuple[str, int]) -> HookFn:
+        def hook(act: Tensor, hook: Any) -> None:
+            out.acts[point] = keep(act)
+
+        return hook
+
+    hooks = [*during, *((hook_name(kind, layer), grab((kind, layer))) for kind, layer in points)]
+    with torch.no_grad(), hooked(bridge, hooks):
+        if logits is None:
+            bridge(tokens, prepend_bos=False, return_type=None)
+        else:
+            lg = bridge(tokens, prepend_bos=False)
+            out.logits = (lg[:, -1] if logits == "last" else lg).detach()
+    return out

@@ -33,7 +33,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from workbench.errors import WorkbenchError
-from workbench.hooks import hook_name, hooked
+from workbench.hooks import hook_name, hooked, record
 from workbench.types import Head
 
 if TYPE_CHECKING:
@@ -68,17 +68,8 @@ def reference_z(
     """``hook_z`` of ``layers`` (all by default) on ``tokens``, one clean forward pass (no
     intervention): the ``reference_acts`` of :func:`ablate_heads`."""
     layers = range(model.n_layers) if layers is None else layers
-    store: dict[int, Tensor] = {}
-
-    def make(layer: int) -> Any:
-        def hook(z: Tensor, hook: Any) -> None:
-            store[layer] = z.detach().clone()
-
-        return hook
-
-    with torch.no_grad(), hooked(model.bridge, [(hook_name("z", la), make(la)) for la in layers]):
-        model.bridge(tokens, prepend_bos=False, return_type=None)
-    return store
+    rec = record(model.bridge, tokens, [("z", layer) for layer in layers])
+    return {layer: act for (_, layer), act in rec.acts.items()}
 
 
 def resample_sources(n_ref: int, seed: int) -> Tensor:

@@ -19,8 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.errors import WorkbenchError
-
-METRICS = ("logit_diff", "norm_logit_diff", "prob", "loss", "kl")
+from workbench.types import METRICS
 
 
 def logit_diff(

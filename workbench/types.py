@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import torch
@@ -106,7 +107,8 @@ class RoleRule:
         return f"{self.role}: {column} {self.op} {self.threshold:g}"
 
 
-METRICS = ("logit_diff", "norm_logit_diff", "prob", "loss", "kl")
+Metric = Literal["logit_diff", "norm_logit_diff", "prob", "loss", "kl"]
+METRICS: tuple[str, ...] = typing.get_args(Metric)
 """The final-position metrics of the patching family (``workbench.metrics`` computes them)."""
 
 HEAD_AXES = ("head", "kv_head", "none")

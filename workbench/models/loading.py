@@ -7,8 +7,6 @@ warm load takes seconds. Nothing is ever unpickled: weights are read with safete
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import shutil
@@ -20,6 +18,7 @@ from typing import Any
 
 from workbench.errors import WorkbenchError
 from workbench.home import workbench_home
+from workbench.models.boot import quiet
 from workbench.models.codec import TextCodec, default_prepend_bos
 from workbench.models.known import ModelEntry, fingerprint, get_entry
 
@@ -70,30 +69,6 @@ class LoadedModel:
         )
 
 
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """Silence the progress bars and warnings transformers / TransformerLens print on load."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    prev = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    tl_log = logging.getLogger("transformer_lens")
-    tl_level = tl_log.level
-    tl_log.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        tl_log.setLevel(tl_level)
-        if prev is None:
-            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
-        else:
-            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = prev
-
-
 def converted_dir(entry: ModelEntry, fp: str) -> Path:
     return workbench_home() / "models" / f"{entry.name}-{fp}"
 
@@ -106,7 +81,7 @@ def _convert_gguf(entry: ModelEntry, target: Path) -> None:
 
     assert entry.gguf_locator is not None
     gguf = entry.gguf_locator()
-    with _quiet():
+    with quiet():
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -142,7 +117,7 @@ def _load_converted(folder: Path) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    with _quiet():
+    with quiet():
         cfg = AutoConfig.from_pretrained(str(folder))
         tok = AutoTokenizer.from_pretrained(str(folder))
         with no_init_weights():
@@ -255,7 +230,7 @@ def _hf_from_hub(hf_name: str) -> tuple[Any, Any]:
     if not Path(hf_name).is_dir() and not _hub_reachable():
         raise _offline_error(hf_name, "the hub is not reachable")
     try:
-        with _quiet():
+        with quiet():
             tok = AutoTokenizer.from_pretrained(hf_name)
             model = AutoModelForCausalLM.from_pretrained(hf_name, dtype=torch.float32)
     except OSError as exc:
@@ -265,23 +240,13 @@ def _hf_from_hub(hf_name: str) -> tuple[Any, Any]:
 
 
 def _boot(entry: ModelEntry, hf_model: Any, tok: Any, device: str | None) -> Any:
-    from transformer_lens.model_bridge import TransformerBridge
+    from workbench.models.boot import boot_bridge
 
-    from workbench.models import compat
-
-    compat.install()
-    if entry.architectures:
-        hf_model.config.architectures = list(entry.architectures)
-    keep_tokenizer: Any = contextlib.nullcontext()
-    if entry.source in ("tiny", "toy"):  # in-memory tokenizers: TL must not try to reload them
-        from workbench.models.tiny import _bos_already_handled
-
-        keep_tokenizer = _bos_already_handled(tok)
-    with _quiet(), keep_tokenizer:
-        bridge = TransformerBridge.boot_transformers(
-            entry.hf_name, hf_model=hf_model, tokenizer=tok, device=device or "cpu"
-        )
-    bridge.eval()
-    for p in bridge.parameters():
-        p.requires_grad_(False)
-    return bridge
+    return boot_bridge(
+        hf_model,
+        tok,
+        entry.hf_name,
+        device=device or "cpu",
+        in_memory_tokenizer=entry.source in ("tiny", "toy"),  # TL must not try to reload them
+        architectures=entry.architectures,
+    )

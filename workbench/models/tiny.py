@@ -22,17 +22,14 @@ names another one.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from workbench.errors import WorkbenchError
+from workbench.home import data_dir
 
 if TYPE_CHECKING:
     import torch
@@ -54,12 +51,6 @@ _ARCHITECTURES: dict[str, str] = {
     "gpt2": "GPT2LMHeadModel",
     "gemma3": "Gemma3ForCausalLM",
 }
-
-
-def data_dir() -> Path:
-    """The shipped data directory: ``$WORKBENCH_DATA_DIR`` if set, else ``<repo>/data``."""
-    override = os.environ.get("WORKBENCH_DATA_DIR")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "data"
 
 
 def symbol(i: int) -> str:
@@ -215,64 +206,12 @@ def tiny_hf_model(
     return model.to(torch.float32).eval()
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence stdout, warnings and log records below ERROR for the duration of the block."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
-
-
-@contextlib.contextmanager
-def _bos_already_handled(tokenizer: Any) -> Iterator[None]:
-    """Keep TransformerLens from reloading an in-memory tokenizer at boot.
-
-    At boot TransformerLens (``get_tokenizer_with_bos``) re-loads the tokenizer by its
-    ``name_or_path`` with ``add_bos_token=True`` unless ``init_kwargs`` says BOS is already on;
-    a tokenizer built in memory has no name to load from (a ``KeyError``). Claiming
-    ``add_bos_token`` for the boot makes it keep our object; TransformerLens then probes the
-    real encoding and records ``tokenizer_prepends_bos=False``. The claim is undone afterwards.
-    """
-    kwargs = tokenizer.init_kwargs
-    saved = {k: kwargs[k] for k in ("name_or_path", "add_bos_token") if k in kwargs}
-    kwargs.setdefault("name_or_path", getattr(tokenizer, "name_or_path", ""))
-    kwargs["add_bos_token"] = True
-    try:
-        yield
-    finally:
-        for key in ("name_or_path", "add_bos_token"):
-            kwargs.pop(key, None)
-        kwargs.update(saved)
-
-
 def boot_bridge(hf_model: PreTrainedModel, tokenizer: Any, name: str) -> TransformerBridge:
-    """Wrap a loaded HF model in a ``TransformerBridge`` on the CPU, quietly, in eval mode.
+    """A tiny model's bridge on the CPU (:func:`workbench.models.boot.boot_bridge`, the
+    in-memory tokenizer kept as given)."""
+    from workbench.models.boot import boot_bridge as boot
 
-    ``name`` is only a label (e.g. ``"workbench/tiny-llama"``): with ``hf_model`` given the
-    bridge reads ``hf_model.config`` and never contacts the hub. The tokenizer is used as
-    given (see :func:`_bos_already_handled`). The bridge wraps the HF modules in place and
-    forces eager attention: the HF model still computes the same logits, but its
-    ``state_dict`` keys gain ``_original_component`` segments, so save weights before booting
-    or from a deep copy. The bridge prepends BOS to *string* inputs by default
-    (``cfg.default_prepend_bos``); pass token tensors with ``prepend_bos=False``.
-    """
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from workbench.models import compat
-
-    compat.install()
-    with _quiet(), _bos_already_handled(tokenizer):
-        bridge = TransformerBridge.boot_transformers(
-            name, hf_model=hf_model, tokenizer=tokenizer, device="cpu"
-        )
-    hf_model.eval()
-    bridge.eval()
-    return bridge
+    return boot(hf_model, tokenizer, name, in_memory_tokenizer=True)
 
 
 def repeated_tokens(

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from workbench import params as P
 from workbench.errors import WorkbenchError
+from workbench.home import data_dir
 from workbench.tasks import colored_objects, custom, factual, induction, ioi, needle, texts
-from workbench.tasks._common import TaskSpec, data_dir, expand_files, words_of
+from workbench.tasks._common import TaskSpec, expand_files, words_of
 from workbench.types import canonical_json, sha256_hex
 
 if TYPE_CHECKING:

@@ -8,7 +8,6 @@ torch when a task is actually built.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.errors import WorkbenchError
+from workbench.home import data_dir
 
 if TYPE_CHECKING:
     from workbench.models.codec import TextCodec
@@ -45,12 +45,6 @@ class TaskSpec:
     version: str
     user_files: Callable[[Any], tuple[Path, ...]] | None = None
     texts: Callable[[], Iterable[str]] | None = None
-
-
-def data_dir() -> Path:
-    """The shipped data directory: ``$WORKBENCH_DATA_DIR`` if set, else ``<repo>/data``."""
-    override = os.environ.get("WORKBENCH_DATA_DIR")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "data"
 
 
 def tasks_data(*parts: str) -> Path:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from workbench.errors import WorkbenchError
-from workbench.types import METRICS, Agreement, Analysis
+from workbench.types import METRICS, Agreement, Analysis, Metric
 
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern")
 HEAD_COMPONENTS = ("z", "q", "pattern")  # indexed by query head
@@ -38,9 +38,7 @@ class ActivationPatchingParams:
             "noising: run clean, write in the corrupted one"
         },
     )
-    metric: Literal["logit_diff", "norm_logit_diff", "prob", "loss", "kl"] = field(
-        default="logit_diff", metadata={"help": "metric at the final position"}
-    )
+    metric: Metric = field(default="logit_diff", metadata={"help": "metric at the final position"})
     batch_tokens: int = field(
         default=2048,
         metadata={

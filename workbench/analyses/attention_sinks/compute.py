@@ -60,7 +60,7 @@ from torch import Tensor
 
 from workbench.analyses.attention_sinks import SinkParams
 from workbench.errors import WorkbenchError
-from workbench.hooks import hook_name, hooked
+from workbench.hooks import hook_name, hooked, kv_group
 from workbench.stats import mean_stderr
 from workbench.types import AnalysisOutput, HeadMetric, PromptSet
 
@@ -238,8 +238,7 @@ class _Decoder:
 def _per_query_head(model: LoadedModel, per_kv: Any) -> tuple[Any, Any]:
     """Mean and stderr over samples of a ``[n, layer, kv_head]`` array, repeated to query heads
     (query head ``h`` reads KV head ``h // (n_heads / n_kv_heads)``, as HF's ``repeat_kv``)."""
-    group = model.n_heads // model.n_kv_heads
-    return mean_stderr(np.repeat(per_kv, group, axis=2))
+    return mean_stderr(np.repeat(per_kv, kv_group(model.n_heads, model.n_kv_heads), axis=2))
 
 
 def _positions_table(

@@ -12,12 +12,12 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from workbench.analyses.attention_sinks.compute import SinkStats
-from workbench.hooks import hook_name, hooked
+from workbench.hooks import every_layer
+from workbench.hooks import record as record_acts
 
 if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
@@ -26,20 +26,13 @@ if TYPE_CHECKING:
 def record(model: LoadedModel, tokens: Int[Tensor, "batch pos"]) -> dict[str, list[Any]]:
     """Full patterns ``[n, head, T, T]``, values ``[n, T, kv, d]``, residuals ``[n, T, d]``."""
     kinds = ("pattern", "v", "resid_post")
-    out: dict[str, list[Any]] = {k: [None] * model.n_layers for k in kinds}
-
-    def grab(kind: str, layer: int) -> Any:
-        def hook(x: Tensor, hook: Any) -> None:
-            out[kind][layer] = x.detach().double().cpu().numpy().copy()
-
-        return hook
-
-    hooks = [
-        (hook_name(k, layer), grab(k, layer)) for k in kinds for layer in range(model.n_layers)
-    ]
-    with torch.no_grad(), hooked(model.bridge, hooks):
-        model.bridge(tokens, prepend_bos=False, return_type=None)
-    return out
+    rec = record_acts(
+        model.bridge,
+        tokens,
+        every_layer(kinds, model.n_layers),
+        keep=lambda x: x.detach().double().cpu().numpy().copy(),
+    )
+    return {k: [rec.acts[(k, layer)] for layer in range(model.n_layers)] for k in kinds}
 
 
 def _entropy(ps: list[float]) -> float:

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from workbench import metrics as M
 from workbench.analyses.attribution_patching import AttributionParams
-from workbench.hooks import hook_name, hooked
+from workbench.hooks import hook_name, hooked, record
 from workbench.stats import mean_stderr
 from workbench.types import AnalysisOutput, HeadMetric, PromptSet
 
@@ -57,19 +57,10 @@ def _names(n_layers: int) -> list[tuple[str, int, str]]:
 
 def _cache(model: LoadedModel, tokens: Tensor) -> tuple[dict[str, Tensor], Tensor]:
     """Every hooked activation of one run (detached copies) and the final-position logits."""
-    store: dict[str, Tensor] = {}
-
-    def save(name: str) -> Any:
-        def fn(act: Tensor, hook: Any) -> Tensor:
-            store[name] = act.detach().clone()
-            return act
-
-        return fn
-
-    hooks = [(n, save(n)) for _, _, n in _names(model.n_layers)]
-    with torch.no_grad(), hooked(model.bridge, hooks):
-        logits = model.bridge(tokens, prepend_bos=False)
-    return store, logits[:, -1].detach()
+    points = [(kind, layer) for kind, layer, _ in _names(model.n_layers)]
+    rec = record(model.bridge, tokens, points, logits="last")
+    assert rec.logits is not None
+    return rec.by_name(), rec.logits
 
 
 def _metric(

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from workbench.analyses.direct_logit_attribution import DLAParams
 from workbench.errors import WorkbenchError
-from workbench.hooks import hook_name, hooked
+from workbench.hooks import record
 from workbench.metrics import logit_diff
 from workbench.stats import mean_stderr
 from workbench.types import AnalysisOutput, HeadMetric, PromptSet
@@ -142,19 +142,18 @@ class FinalComponents:
 def final_components(model: LoadedModel, tokens: Int[Tensor, "batch pos"]) -> FinalComponents:
     """One forward pass; hooks keep only the final position (nothing else is cached)."""
     n_layers = model.n_layers
-    got: dict[tuple[str, int], Tensor] = {}
-
-    def keep(kind: str, layer: int) -> Any:
-        def hook(x: Tensor, hook: Any) -> None:
-            got[(kind, layer)] = x[:, -1].detach().float().clone()
-
-        return hook
-
     kinds = ("z", "attn_out", "mlp_out", "resid_post")
-    hooks = [(hook_name("resid_pre", 0), keep("resid_pre", 0))]
-    hooks += [(hook_name(k, la), keep(k, la)) for la in range(n_layers) for k in kinds]
-    with torch.no_grad(), hooked(model.bridge, hooks):
-        logits = model.bridge(tokens, prepend_bos=False)[:, -1].float()
+    points = [("resid_pre", 0), *((k, la) for la in range(n_layers) for k in kinds)]
+    rec = record(
+        model.bridge,
+        tokens,
+        points,
+        keep=lambda x: x[:, -1].detach().float().clone(),
+        logits="last",
+    )
+    got = rec.acts
+    assert rec.logits is not None
+    logits = rec.logits.float()
     heads, biases = [], []
     with torch.no_grad():
         for layer in range(n_layers):

@@ -40,7 +40,7 @@ from torch import Tensor
 from workbench import metrics as M
 from workbench.analyses.path_patching import PathPatchingParams
 from workbench.errors import WorkbenchError
-from workbench.hooks import hook_name, hooked
+from workbench.hooks import every_layer, hook_name, hooked, kv_head_of, record
 from workbench.models.backend import fast_linears
 from workbench.models.selfcheck import require
 from workbench.progress import steps
@@ -58,26 +58,17 @@ def _run(model: LoadedModel, tokens: Tensor, hooks: Sequence[tuple[str, Any]]) -
         return model.bridge(tokens, prepend_bos=False)[:, -1]  # type: ignore[no-any-return]
 
 
-def _caching(store: dict[str, Tensor], name: str) -> Any:
-    def fn(act: Tensor, hook: Any) -> Tensor:
-        store[name] = act.detach().clone()
-        return act
-
-    return fn
-
-
 def run_caches(
     model: LoadedModel, tokens: Int[Tensor, "batch pos"]
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Every layer's ``z`` and ``mlp_out`` of one run, and its final-position logits."""
-    store: dict[str, Tensor] = {}
-    names = [hook_name(k, layer) for k in ("z", "mlp_out") for layer in range(model.n_layers)]
-    logits = _run(model, tokens, [(n, _caching(store, n)) for n in names])
-    return store, logits
+    rec = record(model.bridge, tokens, every_layer(("z", "mlp_out"), model.n_layers), logits="last")
+    assert rec.logits is not None
+    return rec.by_name(), rec.logits
 
 
 def _kv_index(model: LoadedModel, head: int, which: str) -> int:
-    return head if which == "q" else head // (model.n_heads // model.n_kv_heads)
+    return head if which == "q" else kv_head_of(head, model.n_heads, model.n_kv_heads)
 
 
 def check_receivers(model: LoadedModel, receivers: str | Sequence[Receiver]) -> list[Receiver]:
@@ -145,14 +136,14 @@ def path_patch_sender(
     if freeze_mlps:
         hooks += [(n, freeze(n)) for n in (hook_name("mlp_out", lyr) for lyr in range(n_layers))]
     # step 2: cache the receivers' inputs
-    targets: dict[str, list[int]] = defaultdict(list)
+    points: dict[tuple[str, int], list[int]] = defaultdict(list)
     if receivers:
         for layer, head, which in receivers:
-            targets[hook_name(which, layer)].append(_kv_index(model, head, which))
+            points[(which, layer)].append(_kv_index(model, head, which))
     else:
-        targets[hook_name("resid_post", n_layers - 1)] = []
-    got: dict[str, Tensor] = {}
-    _run(model, base_tokens, hooks + [(n, _caching(got, n)) for n in targets])
+        points[("resid_post", n_layers - 1)] = []
+    targets = {hook_name(kind, layer): idx for (kind, layer), idx in points.items()}
+    got = record(model.bridge, base_tokens, points, during=hooks).by_name()
 
     # step 3: patch only the receivers' inputs
     def patch(name: str, idx: list[int]) -> Any:
