@@ -2,8 +2,8 @@
 
 For one model, :func:`build_atlas` reads the results store (torch-free) and builds
 ``Atlas.table``: one row per head (``layer, head, head_label = "L{l}H{h}"``), one *score column*
-per ``(analysis, variant, metric, task)``, named ``analysis[variant].metric@task``, e.g.
-``head_detectors.induction@induction``, ``activation_patching[z].logit_diff@ioi``. Each column
+per ``(analysis, variant, metric, task)``, named ``analysis[variant].metric@task`` (the README's
+atlas section shows real ones; no variant: ``analysis.metric@task``). Each column
 holds the value of the **latest** stored run for that key (by the catalog's ``created_at``);
 runs that differ only in parameters not named in the column (a task's ``seq_len``, ``n_prompts``,
 BOS policy) replace each other, the newest wins, and ``<column>__run`` gives the run id of every
@@ -16,7 +16,7 @@ activation patching; the direction when it is not the default).
 KV-head metrics (activation patching of ``k`` / ``v`` under grouped-query attention, stored with
 the KV-head index in ``head``) are **broadcast to the query heads that share the KV head**: query
 head ``h`` gets the value of KV head ``h // (n_heads / n_kv_heads)``; their columns carry the
-variant ``kv`` (``activation_patching[k,kv].logit_diff@ioi``), and no role rule reads them.
+variant ``kv`` (``analysis[k,kv].metric@task``), and no role rule reads them.
 
 Head grid: ``n_layers x n_heads`` is derived from the stored head tables (largest layer and
 query-head index + 1, over runs whose head axis is the query head), so no model is loaded.
@@ -25,7 +25,7 @@ Roles: each analysis's registry entry declares its ``(role, metric, op, threshol
 (``roles``; :func:`role_rules` collects them); a rule applies to every score column whose
 metric matches (and whose analysis matches where the rule names one), only where such a column
 exists. A head's ``roles`` cell lists
-``"induction head: head_detectors.induction@induction > 0.4"`` style labels, ``; ``-joined.
+``"<role>: <column> > <threshold>"`` labels, ``; ``-joined.
 """
 
 from __future__ import annotations

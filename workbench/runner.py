@@ -60,16 +60,12 @@ class RunRequest:
         without loading a model. ``model_fingerprint``: a loaded model's (default: from the
         name, ``models.known.fingerprint``)."""
         from workbench.models.known import fingerprint
-        from workbench.tasks import get_task, recipe_hash
+        from workbench.tasks import parse_params, recipe_hash
 
         entry = get_analysis(self.analysis)
         parsed = entry.parse_params(dict(self.params))
         task = self.task or entry.default_task
-        task_params = P.to_dict(
-            P.from_mapping(
-                get_task(task).params_cls, dict(self.task_params), where=f"task '{task}'"
-            )
-        )
+        task_params = parse_params(task, dict(self.task_params))
         libraries = {k: v for k, v in library_versions().items() if k != "workbench"}
         key = RunKey(
             model=self.model,
@@ -93,7 +89,7 @@ class Part:
     entry: Analysis
     params: Any
     task: str
-    task_params: dict[str, Any]
+    task_params: Any  # the task's parsed parameter instance
     key: RunKey
 
     @property

@@ -1,7 +1,8 @@
 """Comparing two per-head results: how far do two scorings of the same heads agree?
 
-Used for attribution vs exact patching (Syed et al. 2023 report the rank agreement) and for any
-pair of stored per-head runs. Torch-free.
+For an estimate against the exact quantity it estimates (two analyses pair up by declaring an
+``Agreement`` on their registry entries; Syed et al. 2023 report this rank agreement for
+attribution patching), and for any pair of stored per-head runs. Torch-free.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ the circuit as JSON (:func:`circuit_to_dict`). :func:`load_circuit` reads it bac
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -137,11 +138,11 @@ def save_circuit(
 
     src = circuit.derivation.source_run.split(",")[0]
     fingerprint, data_hash = "", ""
-    if src:
-        stored = store.get(store.resolve(src))
-        if stored is not None:
-            fingerprint = str(stored.key["model_fingerprint"])
-            data_hash = str(stored.key["data_hash"])
+    if src:  # a circuit imported from JSON may name a source run this store does not hold
+        with contextlib.suppress(WorkbenchError):
+            source = store.load(src)
+            fingerprint = str(source.key["model_fingerprint"])
+            data_hash = str(source.key["data_hash"])
     body = circuit_to_dict(circuit)
     key = RunKey(
         model=circuit.model,

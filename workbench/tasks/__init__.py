@@ -68,15 +68,20 @@ def get_task(name: str) -> TaskSpec:
         ) from None
 
 
-def parse_params(name: str, params: Mapping[str, Any] | None = None) -> Any:
-    """The task's parameter instance: defaults filled in, unknown or ill-typed keys rejected."""
-    return P.from_mapping(get_task(name).params_cls, params, where=f"task '{name}'")
+def parse_params(name: str, params: Any = None) -> Any:
+    """The task's parameter instance: defaults filled in, unknown or ill-typed keys rejected.
+    An instance already parsed (of the task's parameter class) is returned as it is."""
+    cls = get_task(name).params_cls
+    if isinstance(params, cls):
+        return params
+    return P.from_mapping(cls, params, where=f"task '{name}'")
 
 
 def build_task(
-    name: str, codec: TextCodec, params: Mapping[str, Any] | None = None
+    name: str, codec: TextCodec, params: Mapping[str, Any] | Any = None
 ) -> PromptSet | PromptGroups | NeedleSet:
-    """Build task ``name`` for the model behind ``codec``.
+    """Build task ``name`` for the model behind ``codec``; ``params`` as a mapping or already
+    parsed (:func:`parse_params`).
 
     ``meta`` of the result gains ``params`` (canonical) and ``recipe_hash``.
     """
@@ -91,7 +96,7 @@ def build_task(
     return result
 
 
-def recipe_hash(name: str, params: Mapping[str, Any] | None = None) -> str:
+def recipe_hash(name: str, params: Mapping[str, Any] | Any = None) -> str:
     """sha256 of everything a task's prompts depend on except the tokenizer.
 
     Task name, generator version, canonical parameters (defaults filled in) and the bytes of the

@@ -1,18 +1,11 @@
-"""The results store: round trips, caching, validation, corruption, crashes and concurrency.
-
-Crash and concurrency tests run real child processes (this file is importable by them for the
-shared key/table builders).
-"""
+"""The results store: round trips, caching, validation, corruption, listing, prefixes, deletion
+and catalog rebuilds (crashes and concurrency: ``test_store_processes.py``)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -20,68 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.store.helpers import catalog_ids, make_key, make_tables
 from workbench.errors import WorkbenchError
 from workbench.result import Result
 from workbench.store import ResultStore
 from workbench.types import HEAD_TABLE_COLUMNS, RunKey
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-
-
-def make_key(tag: object = 0, model: str = "tiny", analysis: str = "patch", task: str = "ioi"):
-    return RunKey(
-        model=model,
-        model_fingerprint=f"fp-{model}",
-        analysis=analysis,
-        params={"tag": str(tag), "positions": [1, 2]},
-        task=task,
-        data_hash="data-1",
-        code_version="0.1.0",
-    )
-
-
-def make_tables(key: RunKey, n_layers: int = 2, n_heads: int = 3) -> dict[str, pd.DataFrame]:
-    layer, head = np.divmod(np.arange(n_layers * n_heads), n_heads)
-    heads = pd.DataFrame(
-        {
-            "model": key.model,
-            "run_id": key.run_id,
-            "analysis": key.analysis,
-            "metric": "logit_diff",
-            "layer": layer.astype("int32"),
-            "head": head.astype("int32"),
-            "value": np.linspace(-1, 1, len(layer)),
-            "stderr": np.full(len(layer), 0.1),
-            "n": 8,
-        }
-    )
-    grid = pd.DataFrame(np.arange(n_layers * n_heads, dtype="float32").reshape(n_layers, n_heads))
-    grid.index.name = "layer"
-    return {"heads": heads, "grid": grid}
-
-
-def _catalog_ids(root: Path) -> list[str]:
-    import duckdb
-
-    con = duckdb.connect(str(root / "catalog.duckdb"), read_only=True)
-    try:
-        return [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall()]
-    finally:
-        con.close()
-
-
-def _child(script: str, *args: str) -> subprocess.Popen[str]:
-    code = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(script)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_put_get_round_trip_preserves_dtypes(tmp_path: Path) -> None:
@@ -133,7 +71,7 @@ def test_second_put_of_same_key_returns_the_stored_result(tmp_path: Path) -> Non
     assert second.from_store is True
     assert second.manifest["created_at"] == first.manifest["created_at"]
     assert len(second.tables["heads"]) == 6
-    assert _catalog_ids(tmp_path) == [key.run_id]
+    assert catalog_ids(tmp_path) == [key.run_id]
     assert [p.name for p in (tmp_path / "results").iterdir()] == [key.run_id]
 
 
@@ -218,7 +156,7 @@ def test_damaged_result_is_detected_and_recomputed(tmp_path, caplog, damage) -> 
     with caplog.at_level(logging.WARNING, logger="workbench.store"):
         assert store.get(key.run_id) is None
     assert key.run_id in caplog.text and "damaged" in caplog.text
-    assert _catalog_ids(tmp_path) == []
+    assert catalog_ids(tmp_path) == []
     assert not (tmp_path / "results" / key.run_id).exists()
 
     again = store.get_or_compute(key, compute)
@@ -233,131 +171,6 @@ def test_has_detects_damage(tmp_path: Path) -> None:
     _flip_bytes(tmp_path / "results" / key.run_id / "grid.parquet")
     assert store.has(key.run_id) is False
     assert store.list_runs().empty
-
-
-_KILL_CHILD = """
-    import os, sys, time
-    from pathlib import Path
-    from test_store import make_key, make_tables
-    from workbench.store import ResultStore
-    from workbench.store import catalog
-
-    root, stage, marker = sys.argv[1:4]
-
-    def pause():
-        Path(marker).write_text("paused")
-        time.sleep(120)
-
-    if stage == "files-written":  # tables + manifest in the temp dir, lock not yet taken
-        original_writing = catalog.Catalog.writing
-        def writing(self):
-            pause()
-            return original_writing(self)
-        catalog.Catalog.writing = writing
-    elif stage == "renamed":  # final dir in place, catalog row not inserted
-        def insert(self, row):
-            pause()
-        catalog.CatalogSession.insert = insert
-    elif stage == "before-commit":  # row inserted inside the open transaction
-        original_execute = catalog.CatalogSession.execute
-        def execute(self, sql, params=()):
-            if sql == "COMMIT":
-                pause()
-            return original_execute(self, sql, params)
-        catalog.CatalogSession.execute = execute
-
-    key = make_key()
-    ResultStore(Path(root)).put(key, make_tables(key))
-    print("finished")
-"""
-
-
-@pytest.mark.parametrize("stage", ["files-written", "renamed", "before-commit"])
-def test_put_killed_midway_leaves_nothing_visible(tmp_path: Path, stage: str) -> None:
-    root = tmp_path / "store"
-    marker = tmp_path / "marker"
-    ResultStore(root)
-    child = _child(_KILL_CHILD, str(root), stage, str(marker))
-    deadline = time.monotonic() + 30
-    while not marker.exists():
-        assert child.poll() is None, child.communicate()
-        assert time.monotonic() < deadline, "child never reached the pause"
-        time.sleep(0.02)
-    child.send_signal(signal.SIGKILL)
-    child.communicate()
-    assert child.returncode == -signal.SIGKILL
-    key = make_key()
-    temp_dirs = [p for p in (root / "results").iterdir() if p.name.startswith(".tmp-")]
-    if stage == "files-written":  # the complete temp dir is there, not yet renamed
-        assert [sorted(os.listdir(d)) for d in temp_dirs] == [
-            ["grid.parquet", "heads.parquet", "manifest.json"]
-        ]
-    else:  # renamed into place, but without its catalog row
-        assert temp_dirs == [] and (root / "results" / key.run_id / "manifest.json").exists()
-
-    store = ResultStore(root)
-    assert store.get(key.run_id) is None
-    assert not store.has(key.run_id)
-    assert store.list_runs().empty
-    with pytest.raises(WorkbenchError):
-        store.resolve(key.run_id[:4])
-
-    done = store.put(key, make_tables(key))
-    assert done.from_store is False
-    assert _catalog_ids(root) == [key.run_id]
-    assert len(store.list_runs()) == 1
-    got = ResultStore(root).get(key.run_id)
-    assert got is not None
-    pd.testing.assert_frame_equal(got.tables["heads"], done.tables["heads"])
-    visible = [p.name for p in (root / "results").iterdir() if not p.name.startswith(".")]
-    assert visible == [key.run_id]
-
-
-_WRITER_CHILD = """
-    import json, sys, time
-    from pathlib import Path
-    from test_store import make_key, make_tables
-    from workbench.store import ResultStore
-
-    root, start, name, n = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    store = ResultStore(Path(root))
-    import duckdb, pyarrow.parquet  # warm the lazy imports so both start together
-    while not start.exists():
-        time.sleep(0.005)
-    report = []
-    for i in range(n):
-        for key in (make_key(f"shared-{i}"), make_key(f"{name}-{i}")):
-            result = store.put(key, make_tables(key))
-            assert store.get(key.run_id) is not None
-            report.append([key.run_id, result.from_store])
-    print(json.dumps(report))
-"""
-
-
-def test_concurrent_processes_both_succeed(tmp_path: Path) -> None:
-    root = tmp_path / "store"
-    start = tmp_path / "go"
-    n = 10
-    children = [_child(_WRITER_CHILD, str(root), str(start), name, str(n)) for name in "ab"]
-    time.sleep(0.5)
-    start.touch()
-    reports = []
-    for child in children:
-        out, err = child.communicate(timeout=60)
-        assert child.returncode == 0, err
-        reports.append(json.loads(out))
-
-    shared = {make_key(f"shared-{i}").run_id for i in range(n)}
-    own = {make_key(f"{name}-{i}").run_id for name in "ab" for i in range(n)}
-    ids = _catalog_ids(root)
-    assert len(ids) == len(set(ids)) == 3 * n
-    assert set(ids) == shared | own
-    for run_id in shared:  # exactly one process wrote it; the other got the stored copy
-        fresh = [not from_store for r in reports for rid, from_store in r if rid == run_id]
-        assert sum(fresh) == 1
-    store = ResultStore(root)
-    assert all(store.has(run_id) for run_id in ids)
-    assert sorted(p.name for p in (root / "results").iterdir()) == sorted(ids)
 
 
 def test_list_runs_filters(tmp_path: Path) -> None:
@@ -430,7 +243,7 @@ def test_delete(tmp_path: Path) -> None:
     store.delete(key.run_id)
     assert store.get(key.run_id) is None
     assert not (tmp_path / "results" / key.run_id).exists()
-    assert _catalog_ids(tmp_path) == [other.run_id]
+    assert catalog_ids(tmp_path) == [other.run_id]
     with pytest.raises(WorkbenchError, match="no stored run"):
         store.delete(key.run_id)
     with pytest.raises(WorkbenchError, match="not a run id"):
@@ -496,28 +309,6 @@ def test_get_is_fast(tmp_path: Path) -> None:
     assert sorted(timings)[2] < 0.1, timings
 
 
-def test_store_does_not_import_torch(tmp_path: Path) -> None:
-    child = _child(
-        """
-        import sys
-        from pathlib import Path
-        import workbench.store
-        from test_store import make_key, make_tables
-        store = workbench.store.ResultStore(Path(sys.argv[1]))
-        key = make_key()
-        store.get_or_compute(key, lambda: (make_tables(key), {}))
-        store.get(key.run_id)
-        store.list_runs()
-        heavy = sorted(m for m in ("torch", "transformers", "transformer_lens") if m in sys.modules)
-        print(heavy)
-        """,
-        str(tmp_path),
-    )
-    out, err = child.communicate(timeout=60)
-    assert child.returncode == 0, err
-    assert out.strip() == "[]"
-
-
 def test_default_root_is_under_workbench_home(tmp_path, monkeypatch) -> None:
     from workbench.home import workbench_home
 
@@ -538,4 +329,4 @@ def test_load_by_id_or_prefix(tmp_path: Path) -> None:
     with pytest.raises(WorkbenchError, match="damaged or gone") as err:
         store.load(key.run_id[:6])
     assert "\n" not in str(err.value)
-    assert _catalog_ids(tmp_path) == []  # the damaged run was removed
+    assert catalog_ids(tmp_path) == []  # the damaged run was removed

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_retrieval import copy_set
 
+from tests.analyses.test_retrieval_heads import copy_set
 from workbench.analyses.retrieval_heads import RetrievalParams
 from workbench.analyses.retrieval_heads.compute import retrieval_heads
 from workbench.analyses.retrieval_heads.faithful import faithful_scores
