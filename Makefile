@@ -18,7 +18,8 @@ HOST ?= 127.0.0.1
 PORT ?= 8501
 LATEST := .venv-latest
 
-.PHONY: setup lock demo test test-unit test-models test-latest lint typecheck bench app chromium
+.PHONY: setup lock demo test test-unit test-models test-browser test-latest lint typecheck bench \
+	app chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -66,7 +67,10 @@ test: setup lint chromium
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) --durations=15 tests
 
 test-unit: setup
-	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not models" tests
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m "not models and not browser" tests
+
+test-browser: setup chromium
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m browser tests
 
 test-models: setup
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m models tests

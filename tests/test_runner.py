@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_cli import SPEC
 from workbench import params as P
 from workbench import runner
 from workbench.cli import main
@@ -56,16 +57,6 @@ def test_a_part_is_resolved_once_and_its_fresh_result_not_read_back(load, store,
     assert counted["resolve"] == 1 and counted["compute"] == 0
     assert counted["read_verified"] == 1  # the stored part verified (and read) once
     assert again.heads.equals(first.heads)
-
-
-SPEC = """
-title = "t"
-[defaults]
-models = ["tiny-llama"]
-[[analysis]]
-name = "head_detectors"
-tasks = [{ name = "induction", seq_len = 8, n_prompts = 4 }]
-"""
 
 
 def test_a_spec_part_through_the_cli_is_resolved_once_and_verified_once(

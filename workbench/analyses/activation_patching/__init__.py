@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from workbench.circuits.agreement import record_agreement
 from workbench.errors import WorkbenchError
 from workbench.types import METRICS, Agreement, Analysis, Metric
 
@@ -127,12 +128,6 @@ def head_effects(result: Any) -> Any:
     return mat - float(info["baseline_corrupted" if denoise else "baseline_clean"])
 
 
-def _record_agreement(store: Any, result: Any) -> Any:
-    from workbench.circuits.agreement import record_agreement
-
-    return record_agreement(store, result)
-
-
 ENTRY = Analysis(
     name="activation_patching",
     description="exact activation patching (denoising/noising) per layer, head, KV head or "
@@ -143,7 +138,7 @@ ENTRY = Analysis(
     checks=("resume",),
     variant_params=("component", "direction"),
     head_axis=head_axis,
-    after_store=_record_agreement,
+    after_store=record_agreement,
     agreement=Agreement(
         partner="attribution_patching",
         role="reference",

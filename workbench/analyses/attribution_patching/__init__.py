@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from workbench.circuits.agreement import record_agreement
 from workbench.errors import WorkbenchError
 from workbench.types import METRICS, Agreement, Analysis
 
@@ -59,12 +60,6 @@ def head_effects(result: Any) -> Any:
     return result.matrix(result.metrics[0]).to_numpy(dtype=float)
 
 
-def _record_agreement(store: Any, result: Any) -> Any:
-    from workbench.circuits.agreement import record_agreement
-
-    return record_agreement(store, result)
-
-
 ENTRY = Analysis(
     name="attribution_patching",
     description="first-order estimate of every patching effect (head z, resid_pre, "
@@ -73,7 +68,7 @@ ENTRY = Analysis(
     loader=_load,
     default_task="ioi",
     variant_params=("direction",),
-    after_store=_record_agreement,
+    after_store=record_agreement,
     agreement=Agreement(partner="activation_patching", role="estimate", effects=head_effects),
     reference="Nanda 2023; Syed et al. 2023 (Attribution patching outperforms ACDC)",
 )
