@@ -6,6 +6,7 @@ without loading a model. Tensors appear only as annotations.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import typing
@@ -254,8 +255,9 @@ class RunKey:
             content["libraries"] = dict(self.libraries)
         return canonical_json(content)
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
+        """``sha256(canonical())[:16]``, computed once per key (a key is immutable)."""
         return sha256_hex(self.canonical())[:16]
 
     def as_dict(self) -> dict[str, Any]:
