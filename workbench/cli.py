@@ -87,6 +87,10 @@ def run(
     ] = False,
     top: Annotated[int, typer.Option(help="heads per metric with --print")] = 10,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    workers: Annotated[
+        int, typer.Option(help="run the parts on N local worker processes (0: in this process)")
+    ] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads per worker with --workers")] = 1,
 ) -> None:
     """Run a spec; parts already in the store are read back, not recomputed."""
     from workbench.runner import PartOutcome
@@ -111,11 +115,71 @@ def run(
                 )
                 typer.echo("    " + t.to_string(index=False).replace("\n", "\n    "))
 
-    outcomes = run_spec(loaded, store=store, progress=progress, read=print_tables, on_result=report)
+    if workers < 0 or threads < 1:
+        raise WorkbenchError("--workers must be >= 0 and --threads >= 1", "e.g. --workers 2")
+    outcomes = run_spec(
+        loaded, store=store, progress=progress, read=print_tables, workers=workers,
+        threads=threads, on_result=report,
+    )  # fmt: skip
     n_stored = sum(o.status == "stored" for o in outcomes)
     typer.echo(
         f"{len(outcomes)} part(s): {len(outcomes) - n_stored} computed, {n_stored} from the store"
     )
+
+
+@app.command()
+def worker(
+    exit_when_idle: Annotated[
+        bool, typer.Option("--exit-when-idle", help="stop when nothing is queued")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads in this worker")] = None,
+    lapse: Annotated[
+        float, typer.Option(help="seconds without a heartbeat before a running job is re-queued")
+    ] = 30.0,
+    store: Annotated[
+        Path | None, typer.Option(help="results store root (default: the home's)")
+    ] = None,
+) -> None:
+    """Run queued jobs one at a time on models this process keeps loaded."""
+    from workbench.jobs.worker import work
+
+    n = work(store, exit_when_idle=exit_when_idle, threads=threads, lapse_s=lapse, log=typer.echo)
+    typer.echo(f"worker stopped after {n} job(s)")
+
+
+@app.command()
+def jobs(
+    state: Annotated[str | None, typer.Option(help="only jobs in this state")] = None,
+) -> None:
+    """List the jobs of the store: state, progress, worker, heartbeat, error."""
+    from workbench.jobs.queue import STATES, JobQueue
+    from workbench.store import ResultStore
+
+    if state is not None and state not in STATES:
+        raise WorkbenchError(f"unknown job state '{state}'", f"choose from {', '.join(STATES)}")
+    df = JobQueue(ResultStore().root).table()
+    if state is not None:
+        df = df[df["state"] == state]
+    cols = ["job_id", "state", "step", "total", "text", "title", "worker", "attempts", "error"]
+    _echo_table(df[cols])
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="job id (the run id; a prefix is enough)")],
+) -> None:
+    """Cancel a queued or running job (a running one stops at its next progress step)."""
+    from workbench.jobs.queue import JobQueue
+    from workbench.store import ResultStore
+
+    queue = JobQueue(ResultStore().root)
+    ids = [j.job_id for j in queue.jobs() if j.job_id.startswith(job_id.strip().lower())]
+    if len(ids) != 1:
+        raise WorkbenchError(
+            f"job id {job_id!r} matches {len(ids)} jobs", "give a unique prefix (`workbench jobs`)"
+        )
+    job = queue.cancel(ids[0])
+    typer.echo(f"job {job.job_id}: {job.state}")
 
 
 @app.command()

@@ -27,6 +27,8 @@ heads; query head ``h`` reads KV head ``kv_head_of(h) = h // (n_heads / n_kv_hea
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,10 +64,27 @@ def hook_name(kind: str, layer: int) -> str:
 HookFn = Callable[..., Any]
 
 
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(bridge: Any) -> threading.RLock:
+    """The one re-entrant lock of a model (its bridge): hooks live on the model, so two threads
+    hooking one model at once would see each other's hooks. Every hooked forward
+    (:func:`hooked`, so :func:`record` too) and every analysis run by the runner holds it;
+    callers in several threads serialise instead of corrupting each other's results."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(bridge)
+        if lock is None:
+            lock = _LOCKS[bridge] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def hooked(bridge: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[Any]:
-    """Attach forward hooks for the duration of the block; they are removed even on error."""
-    with bridge.hooks(fwd_hooks=list(fwd_hooks), reset_hooks_end=True):
+    """Attach forward hooks for the duration of the block, holding the model's lock
+    (:func:`model_lock`); they are removed even on error."""
+    with model_lock(bridge), bridge.hooks(fwd_hooks=list(fwd_hooks), reset_hooks_end=True):
         yield bridge
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from workbench import __version__
 from workbench import params as P
 from workbench.errors import WorkbenchError
+from workbench.hooks import model_lock
 from workbench.provenance import library_versions
 from workbench.registry import get_analysis
 from workbench.result import Result, head_table
@@ -150,7 +151,14 @@ def _with_bos(model: LoadedModel, prepend_bos: bool | None) -> LoadedModel:
 
 def compute(part: Part, model: LoadedModel, store: ResultStore) -> tuple[dict[str, Any], dict]:
     """Build the prompts, run the analysis function, and return (tables, manifest facts).
-    ``store``: where the entry's declared ``inputs`` are read (the store the run goes to)."""
+    ``store``: where the entry's declared ``inputs`` are read (the store the run goes to).
+    Holds the model's lock throughout (``hooks.model_lock``): its self-checks and the analysis
+    put hooks on the model, so threads sharing a model run one part at a time."""
+    with model_lock(model.bridge):
+        return _compute(part, model, store)
+
+
+def _compute(part: Part, model: LoadedModel, store: ResultStore) -> tuple[dict[str, Any], dict]:
     from workbench.models.selfcheck import require
     from workbench.tasks import build_task
 

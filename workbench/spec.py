@@ -128,10 +128,22 @@ def run_spec(
     store: Any = None,
     progress: bool = True,
     read: bool = False,
+    workers: int = 0,
+    threads: int | None = 1,
     on_result: Callable[[PartOutcome], None] | None = None,
 ) -> list[PartOutcome]:
-    """Run every part of ``spec`` through :func:`workbench.runner.run_parts` (parts already
-    stored are verified, and read only with ``read=True``)."""
+    """Run every part of ``spec``: in this process through :func:`workbench.runner.run_parts`,
+    or with ``workers`` > 0 on that many local worker processes (``threads`` torch threads
+    each; :func:`workbench.jobs.pool.run_on_workers`). Parts already stored are verified, and
+    read only with ``read=True``."""
+    if workers:
+        from workbench.jobs.pool import run_on_workers
+        from workbench.store import ResultStore
+
+        return run_on_workers(
+            spec.parts, store or ResultStore(), workers, title=spec.title, progress=progress,
+            read=read, threads=threads, on_result=on_result,
+        )  # fmt: skip
     return run_parts(
         spec.parts, store, title=spec.title, progress=progress, read=read, on_result=on_result
     )

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from workbench.analyses.head_detectors import HeadDetectorParams
 from workbench.hooks import hook_name, hooked
+from workbench.progress import steps
 from workbench.stats import mean_stderr
 from workbench.types import AnalysisOutput, HeadMetric, PromptSet
 
@@ -89,7 +90,8 @@ def head_detectors(
     n_layers, n_heads = model.n_layers, model.n_heads
     per_seq = {d: torch.zeros(tokens.shape[0], n_layers, n_heads) for d in params.detectors}
 
-    for start in range(0, tokens.shape[0], params.batch_size):
+    batches = range(0, tokens.shape[0], params.batch_size)
+    for start in steps(batches, desc="head detectors"):
         batch = tokens[start : start + params.batch_size]
         dets = {d: detection_patterns(batch, d) for d in params.detectors}
 
