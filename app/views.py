@@ -36,3 +36,33 @@ def show_result(res: Result, key: str = "res") -> None:
             )
         with st.expander(f"table `{name}` ({len(table)} rows)"):
             st.dataframe(table, hide_index=True)
+
+
+def job_status(run_id: str, key: str = "job") -> str:
+    """A job's live state, refreshed every second while it is queued or running (survives
+    reloads: the state is read from the store's job table); returns the state shown."""
+    import caches
+
+    job = caches.job_queue().get(run_id)
+    if job is None:
+        return "none"
+    if job.done:
+        if job.state == "failed":
+            st.error(f"Run `{run_id}` failed: {job.error}")
+        elif job.state == "cancelled":
+            st.warning(f"Run `{run_id}` was cancelled.")
+        return job.state
+
+    @st.fragment(run_every=1.0)
+    def live() -> None:
+        now = caches.job_queue().get(run_id)
+        if now is None or now.done:
+            st.rerun()  # the whole page: it now shows the result (or the failure)
+            return
+        share = now.step / now.total if now.total else 0.0
+        where = f"on {now.worker}" if now.worker else "waiting for a worker"
+        st.progress(min(1.0, share), text=f"{now.title}: {now.state} {where} · "
+                    f"{now.text} {now.step}/{now.total}")  # fmt: skip
+
+    live()
+    return job.state

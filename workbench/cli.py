@@ -139,11 +139,15 @@ def worker(
     store: Annotated[
         Path | None, typer.Option(help="results store root (default: the home's)")
     ] = None,
+    parent: Annotated[int | None, typer.Option(help="stop once this process is gone")] = None,
 ) -> None:
     """Run queued jobs one at a time on models this process keeps loaded."""
     from workbench.jobs.worker import work
 
-    n = work(store, exit_when_idle=exit_when_idle, threads=threads, lapse_s=lapse, log=typer.echo)
+    n = work(
+        store, exit_when_idle=exit_when_idle, threads=threads, lapse_s=lapse, parent=parent,
+        log=typer.echo,
+    )  # fmt: skip
     typer.echo(f"worker stopped after {n} job(s)")
 
 

@@ -19,3 +19,8 @@ def data_dir() -> Path:
     """The shipped data directory: ``$WORKBENCH_DATA_DIR`` if set, else ``<repo>/data``."""
     override = os.environ.get("WORKBENCH_DATA_DIR")
     return Path(override) if override else Path(__file__).resolve().parents[1] / "data"
+
+
+def specs_dir() -> Path:
+    """The shipped runnable specs (``<repo>/analyses``)."""
+    return Path(__file__).resolve().parents[1] / "analyses"

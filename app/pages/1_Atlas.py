@@ -12,7 +12,12 @@ t0 = time.perf_counter()
 model_name = widgets.page("Head atlas")
 atlas = caches.atlas(model_name)
 if atlas is None:
-    st.info("No stored per-head scores for this model yet: run analyses on the Run page.")
+    queued = [j for j in caches.job_queue().jobs() if not j.done] if caches.n_workers() else []
+    st.info(
+        "No stored per-head scores for this model yet: "
+        + (f"{len(queued)} job(s) are queued or running (Jobs page); the atlas appears as "
+           "they land." if queued else "run analyses on the Run page.")
+    )  # fmt: skip
     st.stop()
 st.caption(
     f"{atlas.n_layers} layers x {atlas.n_heads} heads · {len(atlas.columns)} score column(s) "

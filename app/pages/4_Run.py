@@ -57,7 +57,11 @@ if st.button("Run", type="primary", key="run.go"):
         request = RunRequest(analysis_name, model_name, run_task, params, task_params, prepend_bos)
         part = request.resolve()  # validates everything without loading the model
         store = caches.store()
-        if not store.has(part.run_id):
+        if store.has(part.run_id):
+            pass
+        elif caches.n_workers():  # a job: it lives in the store's job table, not in this page
+            caches.job_queue().submit(part)
+        else:  # no worker pool: compute here, with a progress bar
             bar = st.progress(0.0, text="starting…")
 
             def progress(desc: str, done: int, total: int) -> None:
@@ -69,10 +73,13 @@ if st.button("Run", type="primary", key="run.go"):
                 run_part(part, store, pool, read=False)
             bar.progress(1.0, text="done")
         st.session_state.last_run = part.run_id
+        st.query_params["run"] = part.run_id  # a reload or a shared link finds the run again
 
-last = st.session_state.get("last_run")
+last = st.session_state.get("last_run") or st.query_params.get("run")
 if last:
     res = caches.result(last)
-    if res is not None and res.key.get("model") == model_name:
+    if res is None and caches.n_workers():
+        views.job_status(last, key="run.job")
+    elif res is not None and res.key.get("model") == model_name:
         st.success(f"Result `{last}` is in the store.")
         views.show_result(res, key="run.result")

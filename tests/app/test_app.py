@@ -51,7 +51,8 @@ def home(tmp_path_factory):
     }
     yield root, store, ids
     mp.undo()
-    sys.modules.pop("ui", None)
+    for name in ("caches", "widgets", "views"):
+        sys.modules.pop(name, None)
 
 
 def page(name: str | None = None, **query: str) -> AppTest:

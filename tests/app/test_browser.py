@@ -65,9 +65,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(home: Path, model: str) -> tuple[subprocess.Popen, str]:
+def _serve(home: Path, model: str, workers: int = 0) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    env = {**os.environ, "WORKBENCH_HOME": str(home), "WORKBENCH_APP_MODEL": model}
+    env = {**os.environ, "WORKBENCH_HOME": str(home), "WORKBENCH_APP_MODEL": model,
+           "WORKBENCH_APP_WORKERS": str(workers)}  # fmt: skip
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "streamlit"),
@@ -189,6 +190,65 @@ def _journey(browser, home: Path, model: str, tag: str, patch_layers: str) -> No
             int(x) for x in patch_layers.strip("[]").split(",")
         )
         page.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _start_patching(page, url: str, n_prompts: int) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/Run")
+    page.get_by_role("combobox", name="Analysis").click()
+    page.get_by_role("option", name="activation_patching", exact=True).click()
+    expect(page.get_by_text("exact activation patching")).to_be_visible()
+    box = page.get_by_role("spinbutton", name="n_prompts")
+    box.fill(str(n_prompts))
+    box.press("Enter")
+    expect(page.get_by_role("spinbutton", name="n_prompts")).to_have_value(str(n_prompts))
+
+
+def test_two_sessions_run_patching_at_once_on_the_job_pool(browser, tmp_path):
+    """Two browser sessions start a patching run at the same moment on an app with a worker
+    pool: both finish, both equal the sequential results, and a reload keeps each page's run."""
+    from playwright.sync_api import expect
+
+    from workbench.runner import run_analysis
+    from workbench.store import ResultStore
+
+    expect.set_options(timeout=120_000)
+    home = tmp_path / "home"
+    home.mkdir()
+    _fill_store(home, "tiny-llama", n_prompts=2)  # not an empty store: no starter runs
+    proc, url = _serve(home, "tiny-llama", workers=2)
+    try:
+        pages = [browser.new_context().new_page() for _ in range(2)]
+        for page, n in zip(pages, (3, 4), strict=True):
+            page.set_default_timeout(120_000)
+            _start_patching(page, url, n)
+        for page in pages:  # as close to the same moment as two users get
+            page.get_by_role("button", name="Run", exact=True).click()
+        for page in pages:
+            expect(page.get_by_text("is in the store")).to_be_visible()
+            assert "run=" in page.url
+            page.reload()
+            expect(page.get_by_text("is in the store")).to_be_visible()
+        page.locator(".js-plotly-plot .heatmaplayer").first.wait_for()
+        page.get_by_text("is in the store").scroll_into_view_if_needed()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "jobs-two-sessions.png"))
+        store = ResultStore(home / "store")
+        for page, n in zip(pages, (3, 4), strict=True):
+            run_id = page.url.split("run=")[1].split("&")[0]
+            got = store.load(run_id)
+            want = run_analysis("activation_patching", "tiny-llama", "ioi",
+                                task_params={"n_prompts": n},
+                                store=ResultStore(tmp_path / f"sequential{n}"))  # fmt: skip
+            assert got.run_id == want.run_id and got.heads["value"].equals(want.heads["value"])
+        from workbench.jobs.queue import JobQueue
+
+        jobs = JobQueue(home / "store").jobs()
+        assert len(jobs) == 2 and {j.state for j in jobs} == {"done"}
     finally:
         proc.terminate()
         proc.wait(timeout=20)

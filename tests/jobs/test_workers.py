@@ -141,7 +141,7 @@ def test_a_killed_driver_then_rerun_computes_every_part_once(tmp_path, kill):
     assert len(runs) == 4 and runs["run_id"].is_unique
     jobs = queue.jobs()
     assert len(jobs) == 4 and {j.state for j in jobs} == {"done"}
-    if kill == "driver":  # its workers lived on and finished every job: none ran twice
+    if kill == "driver":  # its workers finished their jobs before stopping: none ran twice
         assert all(j.attempts == 1 for j in jobs)
     assert not [p for p in store.results_dir.iterdir() if p.name not in set(runs["run_id"])]
 

@@ -22,9 +22,15 @@ from workbench.jobs.queue import JobQueue
 from workbench.jobs.worker import LAPSE_S
 
 
-def _start_worker(root: str, threads: int | None, lapse_s: float) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "workbench.cli", "worker", "--exit-when-idle",
-           "--store", root, "--lapse", str(lapse_s)]  # fmt: skip
+def start_worker(
+    root: str, threads: int | None, lapse_s: float = LAPSE_S, *, idle_exit: bool = True
+) -> subprocess.Popen[bytes]:
+    """A ``workbench worker`` process on the store at ``root``, a child of this process (it
+    stops when this process is gone, and with ``idle_exit`` once nothing is queued)."""
+    cmd = [sys.executable, "-m", "workbench.cli", "worker", "--store", root,
+           "--lapse", str(lapse_s), "--parent", str(os.getpid())]  # fmt: skip
+    if idle_exit:
+        cmd.append("--exit-when-idle")
     if threads is not None:
         cmd += ["--threads", str(threads)]
     return subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL)
@@ -77,7 +83,7 @@ def run_on_workers(
             want = min(workers, len(pending)) - len(alive)
             if want > 0 and starts < 4 * workers + len(parts):  # replace workers that died
                 for _ in range(want):
-                    procs.append(_start_worker(str(store.root), threads, lapse_s))
+                    procs.append(start_worker(str(store.root), threads, lapse_s))
                     starts += 1
             for job_id, job in jobs.items():
                 if not job.done:

@@ -105,10 +105,12 @@ def work(
     lapse_s: float = LAPSE_S,
     threads: int | None = None,
     max_jobs: int | None = None,
+    parent: int | None = None,
     log: Any = None,
 ) -> int:
     """Run queued jobs of the store at ``root`` (default: the workbench store) until stopped,
-    or until the queue is empty with ``exit_when_idle``; returns the number of jobs run.
+    or until the queue is empty with ``exit_when_idle``, or once process ``parent`` is gone
+    (a worker pool started by the app dies with it); returns the number of jobs run.
     ``threads``: torch's thread count in this process (e.g. 1 per worker on a small machine)."""
     from workbench.runner import ModelPool
     from workbench.store import ResultStore
@@ -121,6 +123,8 @@ def work(
     queue = JobQueue(store.root)
     pool, me, n = ModelPool(), worker_id(), 0
     while max_jobs is None or n < max_jobs:
+        if parent is not None and os.getppid() != parent:
+            break
         queue.requeue_stale(lapse_s)
         job = queue.claim(me)
         if job is None:
