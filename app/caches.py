@@ -93,16 +93,24 @@ def default_model() -> str:
 
 
 @st.cache_resource(max_entries=1, show_spinner=False)
-def _model(name: str) -> Any:
+def _model(name: str, device: str = "cpu", dtype: str = "float32") -> Any:
     from workbench.models.loading import load_model
 
-    return load_model(name)
+    return load_model(name, device=device, dtype=dtype)
 
 
-def model(name: str) -> Any:
+def model(name: str, device: str = "cpu", dtype: str = "float32") -> Any:
     """The loaded model (one kept at a time: loading another frees this one)."""
-    with st.spinner(f"Loading {name}…"):
-        return _model(name)
+    with st.spinner(f"Loading {name} ({device}, {dtype})…"):
+        return _model(name, device, dtype)
+
+
+def devices() -> list[str]:
+    """The devices this machine has (``cpu`` first)."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu", *(f"cuda:{i}" for i in range(n))]
 
 
 def check_model_name(name: str) -> None:

@@ -107,7 +107,7 @@ def attention_map(
     def keep(pattern: torch.Tensor, hook: Any) -> None:
         seen["pattern"] = pattern[0].detach().float().cpu().numpy()
 
-    tokens = torch.tensor([ids], dtype=torch.long)
+    tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
     with torch.no_grad(), hooked(model.bridge, [(hook_name("pattern", int(layer)), keep)]):
         model.bridge(tokens, prepend_bos=False, return_type=None)
     pieces = [model.codec.decode([i]) for i in ids]

@@ -91,13 +91,19 @@ def run(
         int, typer.Option(help="run the parts on N local worker processes (0: in this process)")
     ] = 0,
     threads: Annotated[int, typer.Option(help="torch threads per worker with --workers")] = 1,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:N or mps for every part (default: spec's)")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, bfloat16 or float16 for every part")
+    ] = None,
 ) -> None:
     """Run a spec; parts already in the store are read back, not recomputed."""
     from workbench.runner import PartOutcome
     from workbench.spec import load_spec, run_spec
     from workbench.store import ResultStore
 
-    loaded = load_spec(spec)
+    loaded = load_spec(spec, device_override=device, dtype_override=dtype)
     store = ResultStore()
 
     def report(outcome: PartOutcome) -> None:

@@ -55,14 +55,19 @@ class RunRequest:
     params: Mapping[str, Any] = field(default_factory=dict)
     task_params: Mapping[str, Any] = field(default_factory=dict)
     prepend_bos: bool | None = None
+    device: str | None = None
+    dtype: str | None = None
 
     def resolve(self, model_fingerprint: str | None = None) -> Part:
-        """The one resolution of this request (registry entry, parsed parameters, task, key),
-        without loading a model. ``model_fingerprint``: a loaded model's (default: from the
-        name, ``models.known.fingerprint``)."""
+        """The one resolution of this request (registry entry, parsed parameters, task, device
+        and dtype, key), without loading a model. ``model_fingerprint``: a loaded model's
+        (default: from the name, ``models.known.fingerprint``, keyed by the dtype)."""
         from workbench.models.known import fingerprint
+        from workbench.models.precision import check_device, check_dtype, keyed_fingerprint
         from workbench.tasks import parse_params, recipe_hash
 
+        device = check_device(self.device)
+        dtype = check_dtype(self.dtype, device)
         entry = get_analysis(self.analysis)
         parsed = entry.parse_params(dict(self.params))
         task = self.task or entry.default_task
@@ -70,7 +75,8 @@ class RunRequest:
         libraries = {k: v for k, v in library_versions().items() if k != "workbench"}
         key = RunKey(
             model=self.model,
-            model_fingerprint=model_fingerprint or fingerprint(self.model),
+            model_fingerprint=model_fingerprint
+            or keyed_fingerprint(fingerprint(self.model), dtype),
             analysis=entry.name,
             params={**P.to_dict(parsed), "prepend_bos": _bos_key(self.prepend_bos)},
             task=task,
@@ -78,7 +84,7 @@ class RunRequest:
             code_version=f"{__version__}+{entry.name}.{entry.version}",
             libraries=libraries,
         )
-        return Part(self, entry, parsed, task, task_params, key)
+        return Part(self, entry, parsed, task, task_params, key, device, dtype)
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,8 @@ class Part:
     task: str
     task_params: Any  # the task's parsed parameter instance
     key: RunKey
+    device: str = "cpu"
+    dtype: str = "float32"
 
     @property
     def run_id(self) -> str:
@@ -118,20 +126,22 @@ class Part:
 
 
 class ModelPool:
-    """Loads each model once per process; the codec follows each request's BOS policy."""
+    """Loads each model once per process and (device, dtype); the codec follows each
+    request's BOS policy."""
 
     def __init__(self) -> None:
-        self._models: dict[str, LoadedModel] = {}
+        self._models: dict[tuple[str, str, str], LoadedModel] = {}
 
-    def get(self, name: str) -> LoadedModel:
-        if name not in self._models:
+    def get(self, name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+        key = (name, device, dtype)
+        if key not in self._models:
             from workbench.models.loading import load_model
 
-            self._models[name] = load_model(name)
-        return self._models[name]
+            self._models[key] = load_model(name, device=device, dtype=dtype)
+        return self._models[key]
 
     def add(self, model: LoadedModel) -> None:
-        self._models[model.name] = model
+        self._models[(model.name, model.device, model.dtype)] = model
 
     def clear(self) -> None:
         self._models.clear()
@@ -169,6 +179,7 @@ def _compute(part: Part, model: LoadedModel, store: ResultStore) -> tuple[dict[s
     t0 = time.perf_counter()
     prompts = build_task(part.task, model.codec, part.task_params)
     _check_prompts(prompts, model)
+    prompts = prompts.to(model.device)
     t1 = time.perf_counter()
     fn = analysis.load()
     if isinstance(prompts, PromptGroups):  # lengths differ: one run per length, one result
@@ -190,6 +201,8 @@ def _compute(part: Part, model: LoadedModel, store: ResultStore) -> tuple[dict[s
         "n_prompts": prompts.n,
         "prepend_bos": model.codec.prepend_bos,
         "model_description": model.entry.description,
+        "device": model.device,
+        "dtype": model.dtype,
         "prompt_seconds": t1 - t0,
         "analysis_seconds": t2 - t1,
     }
@@ -267,7 +280,9 @@ def run_part(part: Part, store: ResultStore, pool: ModelPool, *, read: bool = Tr
     if serve and not read and store.has(part.run_id):
         return PartOutcome(part, "stored", time.perf_counter() - t0, None)
     result = store.get_or_compute(
-        part.key, lambda: compute(part, pool.get(part.model), store), serve=serve
+        part.key,
+        lambda: compute(part, pool.get(part.model, part.device, part.dtype), store),
+        serve=serve,
     )
     if not result.from_store and part.entry.after_store is not None:
         part.entry.after_store(store, result)
@@ -314,6 +329,8 @@ def run_analysis(
     prepend_bos: bool | None = None,
     store: ResultStore | None = None,
     pool: ModelPool | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> Result:
     """Run (or fetch from the store) one analysis; ``model`` is a name or a loaded model.
     The Python API's entry point: one :class:`RunRequest`, resolved once, run by
@@ -324,9 +341,12 @@ def run_analysis(
     name = model if isinstance(model, str) else model.name
     if not isinstance(model, str):
         pool.add(model)
+    if not isinstance(model, str):  # a loaded model runs where and as it was loaded
+        device, dtype = model.device, model.dtype
     request = RunRequest(
-        analysis, name, task, dict(params or {}), dict(task_params or {}), prepend_bos
-    )
+        analysis, name, task, dict(params or {}), dict(task_params or {}), prepend_bos,
+        device, dtype,
+    )  # fmt: skip
     part = request.resolve(None if isinstance(model, str) else model.fingerprint)
     outcome = run_part(part, store or ResultStore(), pool)
     assert outcome.result is not None

@@ -5,6 +5,8 @@ title = "demo"
 [defaults]
 models = ["smollm2-135m"]     # used where an [[analysis]] names no models
 prepend_bos = "auto"          # "auto" follows the tokenizer; true / false override
+device = "cpu"                # cpu, cuda, cuda:N, mps (default cpu)
+dtype = "float32"             # float32, bfloat16, float16 (default float32; enters the key)
 
 [[analysis]]
 name = "head_detectors"
@@ -28,8 +30,8 @@ from workbench.errors import WorkbenchError
 from workbench.runner import Part, PartOutcome, RunRequest, parse_bos, run_parts
 
 _TOP_KEYS = {"title", "description", "defaults", "analysis", "overlap"}  # overlap: overlap_spec
-_DEFAULT_KEYS = {"models", "prepend_bos"}
-_ANALYSIS_KEYS = {"name", "models", "tasks", "params", "prepend_bos"}
+_DEFAULT_KEYS = {"models", "prepend_bos", "device", "dtype"}
+_ANALYSIS_KEYS = {"name", "models", "tasks", "params", "prepend_bos", "device", "dtype"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,9 @@ def _str_list(where: str, value: Any) -> list[str]:
     return list(value)
 
 
-def load_spec(path: str | Path) -> Spec:
+def load_spec(
+    path: str | Path, *, device_override: str | None = None, dtype_override: str | None = None
+) -> Spec:
     """Parse and validate a spec file (every part's parameters checked, nothing loaded)."""
     path = Path(path)
     if not path.is_file():
@@ -98,6 +102,8 @@ def load_spec(path: str | Path) -> Spec:
                 f"{where}: params must be a table", "write params = { key = value }"
             )
         bos = parse_bos(entry.get("prepend_bos", defaults.get("prepend_bos", "auto")))
+        device = device_override or entry.get("device", defaults.get("device"))
+        dtype = dtype_override or entry.get("dtype", defaults.get("dtype"))
         models = _str_list(f"{where} models", entry.get("models", default_models))
         tasks: list[Any] = entry.get("tasks", [None])
         if not isinstance(tasks, list):
@@ -117,7 +123,7 @@ def load_spec(path: str | Path) -> Spec:
                     raise WorkbenchError(
                         f"{where}: tasks entries must be names or tables", "fix the spec"
                     )
-                request = RunRequest(entry["name"], model, name, params, task, bos)
+                request = RunRequest(entry["name"], model, name, params, task, bos, device, dtype)
                 parts.append(request.resolve())  # validated and keyed here, once
     return Spec(path, str(data.get("title", path.stem)), tuple(parts))
 

@@ -82,6 +82,20 @@ class PromptSet:
             parts += [str(a.shape), a.tobytes()]
         return sha256_hex(*parts)
 
+    def to(self, device: str) -> PromptSet:
+        """The same prompts with their token tensors on ``device`` (itself when already there)."""
+        if str(self.clean.device) == str(device):
+            return self
+        from dataclasses import replace
+
+        return replace(
+            self,
+            clean=self.clean.to(device),
+            corrupt=self.corrupt.to(device),
+            correct=self.correct.to(device),
+            incorrect=self.incorrect.to(device),
+        )
+
     def __repr__(self) -> str:
         return (
             f"PromptSet(task={self.task!r}, n={self.n}, seq_len={self.seq_len}, "
@@ -216,6 +230,12 @@ class PromptGroups:
     def content_hash(self) -> str:
         return sha256_hex(self.task, *(g.content_hash() for g in self.groups))
 
+    def to(self, device: str) -> PromptGroups:
+        """The same groups with their tensors on ``device``."""
+        from dataclasses import replace
+
+        return replace(self, groups=tuple(g.to(device) for g in self.groups))
+
     def __repr__(self) -> str:
         lengths = ", ".join(f"{g.seq_len}: {g.n}" for g in self.groups)
         return f"PromptGroups(task={self.task!r}, n={self.n}, prompts by length {{{lengths}}})"
@@ -335,6 +355,18 @@ class NeedleSet:
                 np.ascontiguousarray(s.answer.cpu().numpy().astype("int64")).tobytes(),
             ]
         return sha256_hex(*parts)
+
+    def to(self, device: str) -> NeedleSet:
+        """The same samples with their tensors on ``device`` (itself when already there)."""
+        if all(str(s.context.device) == str(device) for s in self.samples):
+            return self
+        from dataclasses import replace
+
+        samples = tuple(
+            replace(s, context=s.context.to(device), answer=s.answer.to(device))
+            for s in self.samples
+        )
+        return replace(self, samples=samples)
 
     def __repr__(self) -> str:
         return f"NeedleSet(task={self.task!r}, n={self.n}, prepend_bos={self.prepend_bos})"

@@ -46,6 +46,9 @@ with right:
     st.subheader("Parameters")
     params = widgets.param_widgets(analysis.params_cls, f"params.{analysis_name}")
     bos = st.selectbox("BOS", ["auto", "true", "false"], key="run.bos")
+    device = st.selectbox("Device", caches.devices(), key="run.device")
+    dtypes = ["float32", "bfloat16"] + ([] if device == "cpu" else ["float16"])
+    dtype = st.selectbox("Precision", dtypes, key="run.dtype", help="enters the run key")
 prepend_bos = None if bos == "auto" else bos == "true"
 
 if st.button("Run", type="primary", key="run.go"):
@@ -54,7 +57,9 @@ if st.button("Run", type="primary", key="run.go"):
         if task == CUSTOM:
             path = write_pairs(clean, corrupt, correct, incorrect)
             run_task, task_params = "custom", {"path": str(path)}
-        request = RunRequest(analysis_name, model_name, run_task, params, task_params, prepend_bos)
+        request = RunRequest(
+            analysis_name, model_name, run_task, params, task_params, prepend_bos, device, dtype
+        )
         part = request.resolve()  # validates everything without loading the model
         store = caches.store()
         if store.has(part.run_id):
@@ -68,7 +73,7 @@ if st.button("Run", type="primary", key="run.go"):
                 bar.progress(min(1.0, done / max(total, 1)), text=f"{desc} {done}/{total}")
 
             pool = ModelPool()
-            pool.add(caches.model(model_name))
+            pool.add(caches.model(model_name, device, dtype))
             with st.spinner(f"Running {analysis_name} on {model_name}…"), reporting(progress):
                 run_part(part, store, pool, read=False)
             bar.progress(1.0, text="done")

@@ -113,6 +113,8 @@ def request_json(request: Any) -> str:
             "params": dict(request.params),
             "task_params": dict(request.task_params),
             "prepend_bos": request.prepend_bos,
+            "device": request.device,
+            "dtype": request.dtype,
         },
         sort_keys=True,
     )
@@ -123,8 +125,9 @@ def request_from_json(text: str) -> Any:
 
     d: Mapping[str, Any] = json.loads(text)
     return RunRequest(
-        d["analysis"], d["model"], d["task"], d["params"], d["task_params"], d["prepend_bos"]
-    )
+        d["analysis"], d["model"], d["task"], d["params"], d["task_params"], d["prepend_bos"],
+        d.get("device"), d.get("dtype"),
+    )  # fmt: skip
 
 
 class JobQueue:

@@ -38,6 +38,8 @@ class LoadedModel:
     load_seconds: float = 0.0
     cache_hit: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    dtype: str = "float32"
 
     @property
     def cfg(self) -> Any:
@@ -170,20 +172,30 @@ def _hf_from_tiny(entry: ModelEntry) -> tuple[Any, Any]:
 
 
 def load_model(
-    name: str, *, prepend_bos: bool | None = None, device: str | None = None
+    name: str,
+    *,
+    prepend_bos: bool | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> LoadedModel:
-    """Load ``name`` into a ``TransformerBridge``.
+    """Load ``name`` into a ``TransformerBridge`` on ``device`` in ``dtype``
+    (``workbench.models.precision``; default cpu, float32).
 
     ``prepend_bos=None`` follows the model's own tokenizer (SmolLM2: no BOS; Gemma 3: BOS);
     ``True``/``False`` overrides it. Prompt sets built with the returned codec carry the choice.
     """
+    from workbench.models.precision import check_device, check_dtype, keyed_fingerprint
+
+    device = check_device(device)
+    dtype = check_dtype(dtype, device)
     entry = get_entry(name)
-    fp = fingerprint(name)
+    weights_fp = fingerprint(name)  # the converted-weights cache is the float32 weights'
+    fp = keyed_fingerprint(weights_fp, dtype)
     t0 = time.perf_counter()
     hit = False
     extra: dict[str, Any] = {}
     if entry.source == "gguf":
-        hf_model, tok, hit = _hf_from_gguf(entry, fp)
+        hf_model, tok, hit = _hf_from_gguf(entry, weights_fp)
     elif entry.source == "tiny":
         hf_model, tok = _hf_from_tiny(entry)
     elif entry.source == "toy":
@@ -192,11 +204,16 @@ def load_model(
         hf_model, tok, extra = tiny.load_toy_induction()
     else:
         hf_model, tok = _hf_from_hub(entry.hf_name)
+    if dtype != "float32":  # cast after loading: the converted-weights cache stays float32
+        from workbench.models.precision import torch_dtype
+
+        hf_model = hf_model.to(dtype=torch_dtype(dtype))
     bridge = _boot(entry, hf_model, tok, device)
     n_ctx = int(getattr(bridge.cfg, "n_ctx", 0) or 0) or 2048
     bos = default_prepend_bos(tok) if prepend_bos is None else prepend_bos
     codec = TextCodec(tok, prepend_bos=bos, n_ctx=n_ctx, model_name=name)
-    return LoadedModel(name, entry, bridge, tok, codec, fp, time.perf_counter() - t0, hit, extra)
+    seconds = time.perf_counter() - t0
+    return LoadedModel(name, entry, bridge, tok, codec, fp, seconds, hit, extra, device, dtype)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

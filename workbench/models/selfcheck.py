@@ -148,9 +148,13 @@ def _failure(model: LoadedModel, check: str, detail: str) -> SelfCheckFailed:
     return err
 
 
-def _scale_diff(fast: Any, full: Any) -> tuple[float, float]:
+def _scale_diff(fast: Any, full: Any, dtype: str = "float32") -> tuple[float, float]:
+    """``max |fast - full|`` and its bound ``tol * max(1, max |full|)``, ``tol`` the dtype's
+    (``TOL`` for float32; ``workbench.models.precision.TOLERANCE``)."""
+    from workbench.models.precision import TOLERANCE
+
     diff = float((fast.double() - full.double()).abs().max())
-    return diff, TOL * max(1.0, float(full.abs().max()))
+    return diff, TOLERANCE.get(dtype, TOL) * max(1.0, float(full.abs().max()))
 
 
 def _tokens(model: LoadedModel, rows: int, length: int) -> Any:
@@ -158,7 +162,8 @@ def _tokens(model: LoadedModel, rows: int, length: int) -> Any:
 
     gen = torch.Generator().manual_seed(0)
     vocab = int(model.cfg.d_vocab)
-    return torch.randint(min(10, vocab - 1), vocab, (rows, length), generator=gen)
+    ids = torch.randint(min(10, vocab - 1), vocab, (rows, length), generator=gen)
+    return ids.to(model.device)
 
 
 def check_kv_cache(model: LoadedModel) -> Facts:
@@ -173,10 +178,10 @@ def check_kv_cache(model: LoadedModel) -> Facts:
         _, cache = forward_step(model, ids[:6], None)
         cache = copy.deepcopy(cache)
         out, cache = forward_step(model, ids[6:8], cache, keep=2)
-        worst, tol = _scale_diff(out, full[6:8])
+        worst, tol = _scale_diff(out, full[6:8], model.dtype)
         for t in range(8, 12):
             out, cache = forward_step(model, ids[t : t + 1], cache)
-            d, _ = _scale_diff(out[-1], full[t])
+            d, _ = _scale_diff(out[-1], full[t], model.dtype)
             worst = max(worst, d)
         if worst <= tol:  # the batched path only where the plain one holds
             try:
@@ -212,16 +217,16 @@ def _batched_decoding_diff(model: LoadedModel) -> float:
     full = model.bridge(ids, prepend_bos=False)
     cache = stack_caches([forward_step(model, ids[j, :8], None)[1] for j in range(2)])
     out, cache = forward_batch(model, ids[:, 8:11], cache, keep=3)
-    worst = _scale_diff(out, full[:, 8:11])[0]
+    worst = _scale_diff(out, full[:, 8:11], model.dtype)[0]
     t = 11
     if all(_plain_layer(layer) for layer in getattr(cache, "layers", [None])):
         _crop(cache, 9)
         t = 9
     out, cache = forward_batch(model, ids[:, t : t + 1], cache)
-    worst = max(worst, _scale_diff(out[:, -1], full[:, t])[0])
+    worst = max(worst, _scale_diff(out[:, -1], full[:, t], model.dtype)[0])
     cache = _select(cache, [1], 2)
     out, _ = forward_batch(model, ids[1:2, t + 1 : t + 2], cache)
-    return max(worst, _scale_diff(out[0, -1], full[1, t + 1])[0])
+    return max(worst, _scale_diff(out[0, -1], full[1, t + 1], model.dtype)[0])
 
 
 def check_resume(model: LoadedModel) -> Facts:
@@ -240,7 +245,7 @@ def check_resume(model: LoadedModel) -> Facts:
     full, mid, start = run.final_logits, model.n_layers // 2, length // 2
     facts: Facts = {}
     with torch.inference_mode():
-        d, tol = _scale_diff(run.run_wave({mid: run.resid(mid)}), full)
+        d, tol = _scale_diff(run.run_wave({mid: run.resid(mid)}), full, model.dtype)
         if not d <= tol:
             raise _failure(
                 model, "resume", f"a run resumed at layer {mid} differs from the full forward by "
@@ -251,7 +256,7 @@ def check_resume(model: LoadedModel) -> Facts:
             facts["last_query"] = "fallback: the last block runs whole (the model never "
             facts["last_query"] += "called the cache that captures its keys and values)"
         else:
-            d, _ = _scale_diff(out, full)
+            d, _ = _scale_diff(out, full, model.dtype)
             if not d <= tol:
                 raise _failure(model, "resume", f"the last-query block differs by {d:.3g}")
             facts["last_query"] = "ok"
@@ -261,7 +266,7 @@ def check_resume(model: LoadedModel) -> Facts:
             facts["suffix_resume"] += "HF cache holds no usable keys and values)"
         else:
             out = run.run_wave({mid: run.resid(mid)[:, start:]}, start=start, prefix=prefix)
-            d, _ = _scale_diff(out, full)
+            d, _ = _scale_diff(out, full, model.dtype)
             if not d <= tol:
                 raise _failure(
                     model, "resume", f"the suffix-only resume differs from the full forward by "
@@ -298,8 +303,10 @@ def check_hooks(model: LoadedModel) -> Facts:
             raise _failure(
                 model, "hooks", f"hook {name} gave shape {got}, the workbench expects {shape}"
             )
-    rows = cache[names["pattern"]].sum(-1)
-    if not torch.allclose(rows, torch.ones_like(rows), atol=1e-4):
+    from workbench.models.precision import TOLERANCE
+
+    rows = cache[names["pattern"]].double().sum(-1)
+    if not torch.allclose(rows, torch.ones_like(rows), atol=TOLERANCE[model.dtype]):
         raise _failure(model, "hooks", f"{names['pattern']} rows do not sum to one")
     return {"hooks": "ok"}
 

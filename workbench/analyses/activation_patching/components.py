@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -60,8 +60,11 @@ def layer_indices(
     return [Index(h, p) for h in heads for p in positions]
 
 
-def patch_mask(component: str, indices: Sequence[Index], act_shape: Sequence[int]) -> Tensor:
-    """Boolean mask ``[V, 1, *act_shape[1:]]``: True where variant ``v`` takes the donor value."""
+def patch_mask(
+    component: str, indices: Sequence[Index], act_shape: Sequence[int], device: Any = None
+) -> Tensor:
+    """Boolean mask ``[V, 1, *act_shape[1:]]``: True where variant ``v`` takes the donor value
+    (built on the CPU, returned on ``device``)."""
     mask = torch.zeros((len(indices), 1, *act_shape[1:]), dtype=torch.bool)
     for v, ix in enumerate(indices):
         pos = slice(None) if ix.pos < 0 else ix.pos
@@ -71,7 +74,7 @@ def patch_mask(component: str, indices: Sequence[Index], act_shape: Sequence[int
             mask[v, 0, pos] = True
         else:
             mask[v, 0, pos, ix.head] = True
-    return mask
+    return mask if device is None else mask.to(device)
 
 
 def write_patch(component: str, act: Tensor, donor: Tensor, ix: Index) -> Tensor:

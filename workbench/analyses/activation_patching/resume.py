@@ -348,7 +348,7 @@ def _suffix_donor(component: str, act: Tensor, start: int) -> Tensor:
 def _tail_patch(component: str, local: Sequence[Index], donor: Tensor) -> Callable[..., Tensor]:
     """Hook writing patch ``local[v]`` into the batch's last ``V * n`` rows (the variants that
     entered at this layer): ``where(mask[v], donor, act)``; earlier rows pass unchanged."""
-    mask = patch_mask(component, local, donor.shape)
+    mask = patch_mask(component, local, donor.shape, donor.device)
     new = len(local) * int(donor.shape[0])
 
     def hook(act: Tensor, hook: Any) -> Tensor:

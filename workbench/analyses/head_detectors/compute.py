@@ -42,10 +42,11 @@ def detection_patterns(
 ) -> Float[Tensor, "batch pos pos"]:
     """The 0/1 detection pattern ``D`` of ``kind`` for each sequence (see module docstring)."""
     b, t = tokens.shape
-    lower = torch.tril(torch.ones(t, t, dtype=torch.bool), diagonal=-1)
+    dev = tokens.device
+    lower = torch.tril(torch.ones(t, t, dtype=torch.bool, device=dev), diagonal=-1)
     if kind == "previous_token":
-        d = torch.zeros(t, t, dtype=torch.bool)
-        d[1:, :-1] = torch.eye(t - 1, dtype=torch.bool)
+        d = torch.zeros(t, t, dtype=torch.bool, device=dev)
+        d[1:, :-1] = torch.eye(t - 1, dtype=torch.bool, device=dev)
         return d.expand(b, t, t).float()
     same = tokens[:, :, None] == tokens[:, None, :]  # [b, q, k]
     dup = same & lower

@@ -373,7 +373,8 @@ def decode_batch(
             ]
             if recorder is not None:
                 recorder.total, recorder.active = seen + m, True
-            logits, cache = forward_batch(model, torch.tensor(rows), cache, keep=m)
+            ids = torch.tensor(rows, device=model.device)
+            logits, cache = forward_batch(model, ids, cache, keep=m)
             preds = logits.argmax(dim=-1).tolist()  # [alive, m]
             arg = None
             if recorder is not None:
@@ -425,10 +426,19 @@ def _crop(cache: Any, length: int) -> None:
         layer.values = layer.values[:, :, :length]
 
 
+def _device(cache: Any) -> Any:
+    """The device of a KV cache's tensors (the CPU for an empty one)."""
+    for layer in getattr(cache, "layers", ()):
+        keys = getattr(layer, "keys", None)
+        if keys is not None and hasattr(keys, "device"):
+            return keys.device
+    return "cpu"
+
+
 def _select(cache: Any, keep: list[int], size: int) -> Any:
     """``cache`` restricted to the batch rows ``keep`` (of ``size``)."""
     if keep != list(range(size)):
-        cache.batch_select_indices(torch.tensor(keep, dtype=torch.long))
+        cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=_device(cache)))
     return cache
 
 

@@ -89,8 +89,10 @@ def faithful_scores(
             if dec.argmax is None:
                 score = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
             else:
-                tokens = torch.cat([s.context, torch.tensor(dec.tokens, dtype=torch.long)])
-                targets = torch.tensor(dec.tokens[dec.first :], dtype=torch.long)
+                dev = dec.argmax.device
+                generated = torch.tensor(dec.tokens, dtype=torch.long, device=dev)
+                tokens = torch.cat([s.context.to(dev), generated])
+                targets = torch.tensor(dec.tokens[dec.first :], dtype=torch.long, device=dev)
                 score = copy_hits(dec.argmax, tokens, targets, span)
             steps = 0 if dec.argmax is None else int(dec.argmax.shape[-1])
             counted = dec.recall > params.recall_threshold

@@ -62,7 +62,8 @@ def forced_answers(model: LoadedModel, samples: Sequence[NeedleSample], which: s
     out = []
     for s in samples:
         lead = " " if model.codec.decode(s.answer[:1].tolist()).startswith(" ") else ""
-        out.append(torch.tensor(model.codec.encode(lead + s.needle.strip()), dtype=torch.long))
+        ids = model.codec.encode(lead + s.needle.strip())
+        out.append(torch.tensor(ids, dtype=torch.long, device=s.answer.device))
     return out
 
 
