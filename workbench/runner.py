@@ -57,6 +57,8 @@ class RunRequest:
     prepend_bos: bool | None = None
     device: str | None = None
     dtype: str | None = None
+    num_cpus: float = 1.0  # what a part asks of a Ray cluster (not part of the key)
+    num_gpus: float = 0.0
 
     def resolve(self, model_fingerprint: str | None = None) -> Part:
         """The one resolution of this request (registry entry, parsed parameters, task, device
@@ -159,23 +161,37 @@ def _with_bos(model: LoadedModel, prepend_bos: bool | None) -> LoadedModel:
     return replace(model, codec=codec)
 
 
-def compute(part: Part, model: LoadedModel, store: ResultStore) -> tuple[dict[str, Any], dict]:
+def compute(
+    part: Part,
+    model: LoadedModel,
+    store: ResultStore | None,
+    inputs: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict]:
     """Build the prompts, run the analysis function, and return (tables, manifest facts).
-    ``store``: where the entry's declared ``inputs`` are read (the store the run goes to).
+    ``store``: where the entry's declared ``inputs`` are read (the store the run goes to), unless
+    ``inputs`` (:func:`part_inputs`) come with the call (a remote worker has no store).
     Holds the model's lock throughout (``hooks.model_lock``): its self-checks and the analysis
     put hooks on the model, so threads sharing a model run one part at a time."""
     with model_lock(model.bridge):
-        return _compute(part, model, store)
+        return _compute(part, model, part_inputs(part, store) if inputs is None else inputs)
 
 
-def _compute(part: Part, model: LoadedModel, store: ResultStore) -> tuple[dict[str, Any], dict]:
+def part_inputs(part: Part, store: ResultStore | None) -> dict[str, Any]:
+    """What the part's analysis reads from the store (its entry's ``inputs``), from ``store``."""
+    if part.entry.inputs is None:
+        return {}
+    if store is None:
+        raise WorkbenchError(f"{part.describe()} reads stored inputs but has no store", "pass one")
+    return part.entry.inputs(part.params, store)
+
+
+def _compute(part: Part, model: LoadedModel, inputs: dict[str, Any]) -> tuple[dict[str, Any], dict]:
     from workbench.models.selfcheck import require
     from workbench.tasks import build_task
 
     analysis, parsed, key = part.entry, part.params, part.key
     model = _with_bos(model, part.request.prepend_bos)
     checks = require(model, *part.checks)  # before anything is computed or stored
-    inputs = analysis.inputs(parsed, store) if analysis.inputs is not None else {}
     t0 = time.perf_counter()
     prompts = build_task(part.task, model.codec, part.task_params)
     _check_prompts(prompts, model)
@@ -253,14 +269,15 @@ def _check_prompts(prompts: Any, model: LoadedModel) -> None:
 
 @dataclass(frozen=True)
 class PartOutcome:
-    """How one part went: ``status`` "stored" (served from the store) or "computed", wall
-    ``seconds``, and its ``result``; None only for a stored part the caller did not ask to read
-    (``read=False``: verified, not read)."""
+    """How one part went: ``status`` "stored" (served from the store), "computed", or on a
+    pool "failed" / "cancelled" (with ``error``); wall ``seconds``; its ``result``, None for a
+    stored part the caller did not ask to read (``read=False``: verified, not read)."""
 
     part: Part
     status: str
     seconds: float
     result: Result | None
+    error: str = ""  # the one-line reason of a failed part
 
     @property
     def run_id(self) -> str:

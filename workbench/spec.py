@@ -7,6 +7,7 @@ models = ["smollm2-135m"]     # used where an [[analysis]] names no models
 prepend_bos = "auto"          # "auto" follows the tokenizer; true / false override
 device = "cpu"                # cpu, cuda, cuda:N, mps (default cpu)
 dtype = "float32"             # float32, bfloat16, float16 (default float32; enters the key)
+num_cpus = 1                  # what each part asks of a Ray cluster (--ray); num_gpus = 0
 
 [[analysis]]
 name = "head_detectors"
@@ -30,8 +31,10 @@ from workbench.errors import WorkbenchError
 from workbench.runner import Part, PartOutcome, RunRequest, parse_bos, run_parts
 
 _TOP_KEYS = {"title", "description", "defaults", "analysis", "overlap"}  # overlap: overlap_spec
-_DEFAULT_KEYS = {"models", "prepend_bos", "device", "dtype"}
-_ANALYSIS_KEYS = {"name", "models", "tasks", "params", "prepend_bos", "device", "dtype"}
+_RESOURCE_KEYS = {"num_cpus", "num_gpus"}
+_DEFAULT_KEYS = {"models", "prepend_bos", "device", "dtype", *_RESOURCE_KEYS}
+_ANALYSIS_KEYS = {"name", "models", "tasks", "params", "prepend_bos", "device", "dtype",
+                  *_RESOURCE_KEYS}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,14 @@ def load_spec(
         bos = parse_bos(entry.get("prepend_bos", defaults.get("prepend_bos", "auto")))
         device = device_override or entry.get("device", defaults.get("device"))
         dtype = dtype_override or entry.get("dtype", defaults.get("dtype"))
+        resources = [
+            entry.get(k, defaults.get(k, d)) for k, d in (("num_cpus", 1), ("num_gpus", 0))
+        ]
+        if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r >= 0
+                   for r in resources):  # fmt: skip
+            raise WorkbenchError(
+                f"{where}: num_cpus and num_gpus must be numbers >= 0", "e.g. num_cpus = 1"
+            )
         models = _str_list(f"{where} models", entry.get("models", default_models))
         tasks: list[Any] = entry.get("tasks", [None])
         if not isinstance(tasks, list):
@@ -123,7 +134,10 @@ def load_spec(
                     raise WorkbenchError(
                         f"{where}: tasks entries must be names or tables", "fix the spec"
                     )
-                request = RunRequest(entry["name"], model, name, params, task, bos, device, dtype)
+                request = RunRequest(
+                    entry["name"], model, name, params, task, bos, device, dtype,
+                    float(resources[0]), float(resources[1]),
+                )  # fmt: skip
                 parts.append(request.resolve())  # validated and keyed here, once
     return Spec(path, str(data.get("title", path.stem)), tuple(parts))
 
@@ -136,12 +150,22 @@ def run_spec(
     read: bool = False,
     workers: int = 0,
     threads: int | None = 1,
+    ray: str | None = None,
     on_result: Callable[[PartOutcome], None] | None = None,
 ) -> list[PartOutcome]:
     """Run every part of ``spec``: in this process through :func:`workbench.runner.run_parts`,
     or with ``workers`` > 0 on that many local worker processes (``threads`` torch threads
     each; :func:`workbench.jobs.pool.run_on_workers`). Parts already stored are verified, and
-    read only with ``read=True``."""
+    read only with ``read=True``. ``ray``: a Ray cluster's address (or "auto") to run them on
+    instead (:func:`workbench.jobs.ray_pool.run_on_ray`)."""
+    if ray is not None:
+        from workbench.jobs.ray_pool import run_on_ray
+        from workbench.store import ResultStore
+
+        return run_on_ray(
+            spec.parts, store or ResultStore(), ray, title=spec.title, progress=progress,
+            read=read, on_result=on_result,
+        )  # fmt: skip
     if workers:
         from workbench.jobs.pool import run_on_workers
         from workbench.store import ResultStore

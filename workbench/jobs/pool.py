@@ -92,7 +92,7 @@ def run_on_workers(
                 status = "computed" if job.state == "done" else job.state
                 result = _read(store, part, read) if status == "computed" else None
                 seconds = (job.finished or 0) - (job.started or job.finished or 0)
-                outcomes[job_id] = PartOutcome(part, status, seconds, result)
+                outcomes[job_id] = PartOutcome(part, status, seconds, result, job.error)
                 bar.update(1)
                 if on_result is not None:
                     on_result(outcomes[job_id])

