@@ -155,3 +155,26 @@ def test_bad_worker_options_are_one_line_errors(tmp_path, monkeypatch, capsys):
     assert main(["jobs", "--state", "sleeping"]) == 2
     assert main(["cancel", "abc"]) == 2
     assert "matches 0 jobs" in capsys.readouterr().err
+
+
+def test_cancelling_a_running_job_stops_its_worker_and_stores_nothing(
+    tmp_path, capsys, monkeypatch
+):
+    home = tmp_path / "home"
+    store = ResultStore(home / "store")
+    queue = JobQueue(store.root)
+    part = SLOW.resolve()
+    queue.submit(part)
+    worker = subprocess.Popen(_cli("worker", "--exit-when-idle"), env=_env(home))
+    try:
+        _wait(lambda: (j := queue.get(part.run_id)) is not None and j.step > 0, what="a step")
+        monkeypatch.setenv("WORKBENCH_HOME", str(home))
+        assert main(["cancel", part.run_id[:8]]) == 0
+        assert "cancelled" in capsys.readouterr().out
+        assert worker.wait(timeout=120) == 0  # it stopped at the next step, then idled out
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    job = queue.get(part.run_id)
+    assert job is not None and job.state == "cancelled" and job.step < job.total
+    assert not store.has(part.run_id) and store.list_runs().empty
