@@ -307,6 +307,28 @@ def run_part(part: Part, store: ResultStore, pool: ModelPool, *, read: bool = Tr
     return PartOutcome(part, status, time.perf_counter() - t0, result)
 
 
+def serve_stored(
+    parts: Sequence[Part],
+    store: ResultStore,
+    outcomes: dict[str, PartOutcome],
+    *,
+    read: bool = False,
+    on_result: Callable[[PartOutcome], None] | None = None,
+) -> list[Part]:
+    """Record an outcome for every part whose intact result may be served from ``store``
+    (verified; read with ``read``); return the parts left to compute (for the pools)."""
+    todo = []
+    for part in parts:
+        if part.servable() and store.has(part.run_id):
+            result = store.load(part.run_id) if read else None
+            outcomes[part.run_id] = PartOutcome(part, "stored", 0.0, result)
+            if on_result is not None:
+                on_result(outcomes[part.run_id])
+        else:
+            todo.append(part)
+    return todo
+
+
 def run_parts(
     parts: Sequence[Part],
     store: ResultStore | None = None,

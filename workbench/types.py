@@ -165,17 +165,11 @@ class Analysis:
     task_kind: str = "prompts"  # "prompts" (PromptSet), "needle" (NeedleSet) or "any"
     version: str = "1"
     reference: str = ""
-    checks: tuple[str, ...] = ()
-    """Self-checks of library internals its fast paths rely on (``models.selfcheck.CHECKS``):
-    run before it computes, and a recorded failure keeps its stored results from being served."""
-    roles: tuple[RoleRule, ...] = ()
-    """Role labels it gives heads in the atlas (``workbench.atlas``)."""
-    variant_params: tuple[str, ...] = ()
-    """Parameters that change what its scores mean: they enter its atlas column names."""
-    tasks: tuple[str, ...] = ()
-    """The tasks offered for it (the app's Run page); empty: every prompt-pair task."""
-    head_page: str = ""
-    """Title of its section on the app's Head page (its stored rows of that head), if any."""
+    checks: tuple[str, ...] = ()  # self-checks its fast paths need (models.selfcheck.CHECKS)
+    roles: tuple[RoleRule, ...] = ()  # role labels it gives heads in the atlas
+    variant_params: tuple[str, ...] = ()  # params that change what its scores mean (atlas)
+    tasks: tuple[str, ...] = ()  # tasks the app's Run page offers it (empty: prompt pairs)
+    head_page: str = ""  # title of its section on the app's Head page, if any
     head_axis: Callable[[Mapping[str, Any]], str] | None = None
     """``params -> one of HEAD_AXES``: what its per-head tables index (default: query heads)."""
     after_store: Callable[[Any, Any], Any] | None = None
@@ -183,8 +177,7 @@ class Analysis:
     inputs: Callable[[Any, Any], dict[str, Any]] | None = None
     """``(params, store) -> keyword arguments``: what it reads from the results store, resolved
     by the runner from the store it holds and passed to the function (torch-free)."""
-    agreement: Agreement | None = None
-    """Its pairing with another analysis scoring the same quantity, if any."""
+    agreement: Agreement | None = None  # its pairing with an analysis scoring the same thing
 
     def load(self) -> Callable[..., Any]:
         return self.loader()

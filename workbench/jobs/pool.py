@@ -55,19 +55,14 @@ def run_on_workers(
     first failure after every part has ended."""
     from tqdm.auto import tqdm
 
-    from workbench.runner import PartOutcome
+    from workbench.runner import PartOutcome, serve_stored
 
     if workers < 1:
         raise WorkbenchError(f"--workers must be at least 1, got {workers}", "use --workers 2")
     queue = JobQueue(store.root)
     outcomes: dict[str, PartOutcome] = {}
     waiting: dict[str, Any] = {}
-    for part in parts:
-        if part.servable() and store.has(part.run_id):
-            outcomes[part.run_id] = PartOutcome(part, "stored", 0.0, _read(store, part, read))
-            if on_result is not None:
-                on_result(outcomes[part.run_id])
-            continue
+    for part in serve_stored(parts, store, outcomes, read=read, on_result=on_result):
         queue.submit(part, again=True)  # a job done before whose result is gone runs again
         waiting[part.run_id] = part
     procs: list[subprocess.Popen[bytes]] = []

@@ -131,19 +131,10 @@ def run_on_ray(
     (module docstring); outcomes in the order of ``parts``."""
     from tqdm.auto import tqdm
 
-    from workbench.runner import PartOutcome, part_inputs
+    from workbench.runner import PartOutcome, part_inputs, serve_stored
 
     outcomes: dict[str, PartOutcome] = {}
-    todo = []
-    for part in parts:
-        if part.servable() and store.has(part.run_id):
-            outcomes[part.run_id] = PartOutcome(
-                part, "stored", 0.0, store.load(part.run_id) if read else None
-            )
-            if on_result is not None:
-                on_result(outcomes[part.run_id])
-        else:
-            todo.append(part)
+    todo = serve_stored(parts, store, outcomes, read=read, on_result=on_result)
     if todo:
         ray = connect(address)
         try:
