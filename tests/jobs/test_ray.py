@@ -109,3 +109,48 @@ def test_bad_ray_addresses_are_one_line_errors(tmp_path, monkeypatch, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1
     assert main(["run", str(spec), "--ray", "auto", "--workers", "2"]) == 2
     assert ResultStore().list_runs().empty
+
+
+def test_a_part_whose_actor_dies_is_retried_on_a_fresh_actor(cluster, tmp_path):
+    """kill -9 of the actor computing a part: the part is retried once and stored once."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from workbench.jobs.ray_pool import run_on_ray
+    from workbench.runner import RunRequest
+
+    part = RunRequest(
+        "head_detectors", "tiny-llama", "induction", {"batch_size": 1},
+        {"seq_len": 48, "n_prompts": 3000},
+    ).resolve()  # fmt: skip
+    store = ResultStore(tmp_path / "store")
+    out: list = []
+    errors: list = []
+
+    def drive() -> None:
+        try:
+            out.extend(run_on_ray([part], store, cluster.address, progress=False))
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=drive)
+    thread.start()
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline:
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if any("PartWorker" in c for c in (p.info["cmdline"] or [])):
+                victim = p
+                break
+        time.sleep(0.2)
+    assert victim is not None, "no PartWorker actor process appeared"
+    time.sleep(3)  # let it load the model and start computing
+    victim.send_signal(signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not errors, errors
+    assert [o.status for o in out] == ["computed"]
+    runs = store.list_runs()
+    assert list(runs["run_id"]) == [part.run_id]
