@@ -16,6 +16,7 @@ from workbench.analyses import (
     causal_validation,
     direct_logit_attribution,
     head_detectors,
+    kv_head_scores,
     logit_lens,
     path_patching,
     retrieval_heads,
@@ -54,6 +55,7 @@ _PACKAGES = (
     attention_sinks,
     retrieval_heads,
     causal_validation,
+    kv_head_scores,
 )
 for _package in _PACKAGES:
     register(_package.ENTRY)

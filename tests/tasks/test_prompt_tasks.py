@@ -240,7 +240,7 @@ def test_recipe_hash_reads_user_files(tmp_path):
 
 
 def test_every_task_is_registered_with_a_version():
-    assert set(TASKS) == {*PROMPT_TASKS, "needle", "custom", "texts"}
+    assert set(TASKS) == {*PROMPT_TASKS, "needle", "custom", "texts", "repeated"}
     for spec in TASKS.values():
         assert spec.version and spec.description and spec.params_cls
 

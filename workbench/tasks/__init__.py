@@ -11,6 +11,7 @@ prompts respect its BOS policy and single-token constraints. Built-in tasks:
 - ``needle``: needle in a haystack for retrieval heads (Wu et al. 2024), a :class:`NeedleSet`
 - ``custom``: the user's own pairs from a JSONL or CSV file
 - ``texts``: prose, code and repeated-token samples of T tokens (attention sinks)
+- ``repeated``: random tokens repeated R times (RazorAttention's echo and induction probe)
 
 :func:`recipe_hash` identifies a built task without building it (task, version, canonical
 parameters and the bytes of every file it reads), so stored results can be found without
@@ -26,7 +27,16 @@ from typing import TYPE_CHECKING, Any
 from workbench import params as P
 from workbench.errors import WorkbenchError
 from workbench.home import data_dir
-from workbench.tasks import colored_objects, custom, factual, induction, ioi, needle, texts
+from workbench.tasks import (
+    colored_objects,
+    custom,
+    factual,
+    induction,
+    ioi,
+    needle,
+    repeated,
+    texts,
+)
 from workbench.tasks._common import TaskSpec, expand_files, words_of
 from workbench.types import canonical_json, sha256_hex
 
@@ -55,6 +65,7 @@ TASKS: dict[str, TaskSpec] = {
         needle.SPEC,
         custom.SPEC,
         texts.SPEC,
+        repeated.SPEC,
     )
 }
 
