@@ -97,7 +97,7 @@ def load_spec(
         _unknown(where, set(entry), _ANALYSIS_KEYS)
         if "name" not in entry:
             raise WorkbenchError(
-                f"{where}: missing 'name'", 'name the analysis, e.g. name = "head_detectors"'
+                f"{where}: missing 'name'", "name the analysis (`workbench analyses` lists them)"
             )
         params = entry.get("params", {})
         if not isinstance(params, dict):
