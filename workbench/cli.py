@@ -363,6 +363,45 @@ def circuit_cmd(
         typer.echo(f"stored as run {save_circuit(store, c, scores)}")
 
 
+@app.command("kvplan")
+def kvplan_cmd(
+    run_id: Annotated[str, typer.Argument(help="a stored kv_head_scores run (a unique prefix)")],
+    rule: Annotated[str, typer.Option(help="razor (the paper's shares) or top_k")] = "razor",
+    k: Annotated[int, typer.Option(help="full KV heads for top_k (by induction)")] = 1,
+    sink: Annotated[int, typer.Option(help="sink tokens of a streaming head")] = 4,
+    window: Annotated[int, typer.Option(help="recent tokens of a streaming head")] = 256,
+    output: Annotated[Path | None, typer.Option("-o", help="write the plan as JSON")] = None,
+) -> None:
+    """A KV-cache plan from stored KV-head scores: which heads keep the full cache; its budget."""
+    from workbench.circuits.kvplans import build_plan, kv_scores, save_plan
+    from workbench.store import ResultStore
+
+    if rule not in ("razor", "top_k"):
+        raise WorkbenchError(f"unknown rule '{rule}' here", "use razor or top_k")
+    store = ResultStore()
+    scored = store.load(run_id)
+    if "kv_heads" not in scored.tables:
+        raise WorkbenchError(
+            f"run {scored.run_id} has no KV-head scores", "give a kv_head_scores run"
+        )
+    kv = scored.tables["kv_heads"]
+    grid = (int(kv["layer"].max()) + 1, int(kv["kv_head"].max()) + 1)
+    scores = {m: kv_scores(kv, m, grid) for m in ("induction", "echo")}
+    if rule != "razor":
+        scores = {"score": scores["induction"]}
+    plan = build_plan(str(scored.key["model"]), rule, scores, sink=sink, window=window, k=k,
+                      sources=[scored.run_id])  # fmt: skip
+    typer.echo(str(plan))
+    typer.echo("full: " + ", ".join(f"L{a}KV{b}" for a, b in sorted(plan.full)))
+    for n in (512, 1024, 2048, 8192):
+        typer.echo(f"  kv_fraction({n}) = {plan.kv_fraction(n):.3f}")
+    typer.echo(f"stored as run {save_plan(store, plan)}")
+    if output is not None:
+        _writable(output)
+        output.write_text(plan.to_json())
+        typer.echo(f"wrote {output}")
+
+
 @app.command("overlap")
 def overlap_cmd(
     spec: Annotated[Path, typer.Argument(help="a spec with an [overlap] table")],

@@ -1,0 +1,117 @@
+"""KV-cache plans (torch-free): the budget formula, the rules, JSON round trips, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from workbench.circuits.kvplans import KVPlan, build_plan, kv_scores
+from workbench.errors import WorkbenchError
+
+GRID = (10, 5)  # 50 KV heads
+RNG = np.random.default_rng(0)
+IND = RNG.random(GRID)
+ECHO = RNG.random(GRID)
+
+
+def test_kv_fraction_is_the_per_kv_head_budget():
+    all_full = KVPlan("m", GRID, frozenset((a, b) for a in range(10) for b in range(5)))
+    assert all_full.kv_fraction(2048) == 1.0
+    none = KVPlan("m", GRID, frozenset(), sink=4, window=60, compensation=True)
+    assert none.kv_fraction(1000) == pytest.approx(65 / 1000)
+    assert none.kv_fraction(50) == 1.0  # a context shorter than sink + window keeps everything
+    two = KVPlan("m", GRID, frozenset({(0, 0), (3, 4)}), sink=4, window=60, compensation=False)
+    assert two.kv_fraction(1000) == pytest.approx((2 * 1000 + 48 * 64) / (50 * 1000))
+
+
+def test_razor_keeps_the_top_induction_and_echo_heads():
+    plan = build_plan("m", "razor", {"induction": IND, "echo": ECHO})
+    order_ind = sorted(((IND[h], h) for h in np.ndindex(GRID)), reverse=True)
+    top_ind = {h for _, h in order_ind[: math.ceil(0.14 * 50)]}
+    top_echo = max(np.ndindex(GRID), key=lambda h: ECHO[h])
+    assert plan.full == frozenset(top_ind | {top_echo})
+    assert plan.params == {"induction_share": 0.14, "echo_share": 0.01} and plan.rule == "razor"
+
+
+def test_top_k_threshold_and_budget_rules():
+    s = IND.copy()
+    s[0, 0] = np.nan
+    top3 = build_plan("m", "top_k", {"score": s}, k=3)
+    assert len(top3.full) == 3 and (0, 0) not in top3.full
+    third = sorted((s[h] for h in np.ndindex(GRID) if np.isfinite(s[h])), reverse=True)[2]
+    assert all(s[h] >= third for h in top3.full)
+    thr = build_plan("m", "threshold", {"score": s}, threshold=0.9)
+    assert thr.full == frozenset(h for h in np.ndindex(GRID) if s[h] > 0.9)
+    plan = build_plan("m", "budget", {"score": s}, budget=0.3, n_ctx=1024, window=60)
+    assert plan.kv_fraction(1024) <= 0.3
+    rest = [h for h in np.ndindex(GRID) if h not in plan.full and np.isfinite(s[h])]
+    one_more = KVPlan("m", GRID, plan.full | {max(rest, key=lambda h: s[h])}, window=60)
+    assert one_more.kv_fraction(1024) > 0.3  # the most heads the budget allows
+
+
+def test_json_round_trip_and_content_id():
+    plan = build_plan("m", "razor", {"induction": IND, "echo": ECHO}, sources=["run1"])
+    again = KVPlan.from_dict(__import__("json").loads(plan.to_json()))
+    assert again == plan and again.plan_id == plan.plan_id and again.sources == ("run1",)
+    other = build_plan("m", "razor", {"induction": IND, "echo": ECHO}, window=128)
+    assert other.plan_id != plan.plan_id
+    assert "KV heads full" in str(plan)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: build_plan("m", "nope", {"score": IND}), "unknown KV plan rule"),
+        (lambda: build_plan("m", "budget", {"score": IND}, budget=1.5, n_ctx=10), r"\(0, 1\]"),
+        (lambda: build_plan("m", "budget", {"score": IND}, budget=0, n_ctx=10), r"\(0, 1\]"),
+        (lambda: build_plan("m", "top_k", {"score": IND}, k=99), "k must be in"),
+        (lambda: KVPlan("m", GRID, frozenset({(10, 0)})), "outside the 10 x 5 grid"),
+        (lambda: KVPlan.from_dict({"model": "m"}), "malformed KV plan JSON"),
+        (lambda: KVPlan("m", GRID, frozenset()).kv_fraction(0), ">= 1 token"),
+    ],
+)
+def test_bad_input_is_one_line(call, match):
+    with pytest.raises(WorkbenchError, match=match) as e:
+        call()
+    assert "\n" not in str(e.value)
+
+
+def test_a_razor_plan_from_stored_kv_head_scores(load, store):
+    from workbench.runner import run_analysis
+
+    model = load("tiny-llama")
+    r = run_analysis("kv_head_scores", model, task_params={"length": 6, "repeats": 3},
+                     store=store)  # fmt: skip
+    grid = (model.n_layers, model.n_kv_heads)
+    scores = {m: kv_scores(r.tables["kv_heads"], m, grid) for m in ("induction", "echo")}
+    plan = build_plan(model.name, "razor", scores, sources=[r.run_id])
+    assert plan.grid == grid and 1 <= len(plan.full) <= grid[0] * grid[1]
+    assert plan.sources == (r.run_id,)
+    with pytest.raises(WorkbenchError, match="no KV-head scores"):
+        kv_scores(r.tables["kv_heads"], "retrieval", grid)
+
+
+def test_cli_builds_stores_and_exports_a_plan(tmp_path, monkeypatch, capsys):
+    import json
+
+    from workbench.circuits.kvplans import load_plan
+    from workbench.cli import main
+    from workbench.store import ResultStore
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    spec = tmp_path / "s.toml"
+    spec.write_text('[defaults]\nmodels = ["tiny-llama"]\n[[analysis]]\nname = "kv_head_scores"\n'
+                    'tasks = [{ name = "repeated", length = 6, repeats = 3 }]\n')  # fmt: skip
+    assert main(["run", str(spec), "--no-progress"]) == 0
+    run_id = capsys.readouterr().out.split()[1]
+    out = tmp_path / "plan.json"
+    assert main(["kvplan", run_id, "--window", "8", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "kv_fraction(2048)" in text and "stored as run" in text
+    plan = KVPlan.from_dict(json.loads(out.read_text()))
+    stored = load_plan(ResultStore(), text.split("stored as run ")[1].split()[0])
+    assert stored == plan and plan.window == 8 and plan.sources == (run_id,)
+    assert main(["kvplan", run_id, "--rule", "nope"]) == 2
+    assert main(["kvplan", "ffffffff"]) == 2
