@@ -95,3 +95,30 @@ def test_bfloat16_runs_hold_their_stated_bounds(load, store):
     scale = max(1.0, float(np.abs(full).max()))
     assert np.abs(fast - ref).max() <= TOLERANCE["bfloat16"] * scale
     assert np.abs(fast - full).max() <= 2 * TOLERANCE["bfloat16"] * scale
+
+
+@pytest.mark.parametrize(
+    "analysis", ["direct_logit_attribution", "attribution_patching", "path_patching", "logit_lens"]
+)
+def test_bfloat16_values_of_every_prompt_analysis_stay_within_the_bound(load, tmp_path, analysis):
+    """Every value table in bf16 against float32 on the same prompts: within
+    ``TOLERANCE["bfloat16"] * max(1, max |float32 value|)``."""
+    from workbench.models.loading import load_model
+    from workbench.store import ResultStore
+
+    f32 = load("tiny-llama")
+    bf16 = load_model("tiny-llama", dtype="bfloat16")
+    tp = {"n_prompts": 4}
+    a = run_analysis(analysis, f32, "ioi", task_params=tp, store=ResultStore(tmp_path / "a"))
+    b = run_analysis(analysis, bf16, "ioi", task_params=tp, store=ResultStore(tmp_path / "b"))
+    checked = 0
+    for name, table in a.tables.items():
+        if "value" not in table:
+            continue
+        x, y = table["value"].to_numpy(float), b.tables[name]["value"].to_numpy(float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        assert ok.any()
+        scale = max(1.0, float(np.abs(x[ok]).max()))
+        assert np.abs(x[ok] - y[ok]).max() <= TOLERANCE["bfloat16"] * scale, name
+        checked += 1
+    assert checked >= 1
