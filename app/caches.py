@@ -177,10 +177,15 @@ def _pool(root: str, n: int) -> list[Any]:
     return [start_worker(root, threads=1, idle_exit=False) for _ in range(n)]
 
 
-def job_queue() -> Any:
-    """The store's job table, with the app's worker pool running on it."""
+@st.cache_resource(show_spinner=False)
+def _job_queue(root: str) -> Any:
     from workbench.jobs.queue import JobQueue
 
+    return JobQueue(Path(root))  # creates the table once, not on every page refresh
+
+
+def job_queue() -> Any:
+    """The store's job table, with the app's worker pool running on it."""
     if n_workers():
         procs = _pool(store_root(), n_workers())
         for i, p in enumerate(procs):  # a worker that died (killed, crashed) is replaced
@@ -188,21 +193,27 @@ def job_queue() -> Any:
                 from workbench.jobs.pool import start_worker
 
                 procs[i] = start_worker(store_root(), threads=1, idle_exit=False)
-    return JobQueue(Path(store_root()))
+    return _job_queue(store_root())
 
 
-def starter(model_name: str) -> list[str]:
-    """On a store with nothing for ``model_name``, queue the starter spec's parts for it
-    (``analyses/starter.toml``) once; returns the run ids of the starter parts."""
+@st.cache_resource(show_spinner=False)
+def _starter_parts(model_name: str) -> list[Any]:
+    """The starter spec's parts for ``model_name``, resolved once (hashing task data files)."""
     from workbench.home import specs_dir
     from workbench.runner import RunRequest
     from workbench.spec import load_spec
 
     spec = load_spec(specs_dir() / "starter.toml")
-    parts = [
+    return [
         RunRequest(r.analysis, model_name, r.task, r.params, r.task_params, r.prepend_bos).resolve()
         for r in spec.requests
     ]
+
+
+def starter(model_name: str) -> list[str]:
+    """On a store with nothing for ``model_name``, queue the starter spec's parts for it
+    (``analyses/starter.toml``) once; returns the run ids of the starter parts."""
+    parts = _starter_parts(model_name)
     queue = job_queue()
     if runs(model_name).empty and not any(queue.get(p.run_id) for p in parts):
         for part in parts:

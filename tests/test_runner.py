@@ -13,7 +13,6 @@ from tests.test_cli import SPEC
 from workbench import params as P
 from workbench import runner
 from workbench.cli import main
-from workbench.store import files as store_files
 from workbench.store import store as store_module
 
 TASK = {"seq_len": 8, "n_prompts": 4}
@@ -93,4 +92,3 @@ def test_every_caller_runs_parts_through_run_part():
     assert "run_part(" in inspect.getsource(runner.run_analysis)
     page = (Path(__file__).resolve().parents[1] / "app" / "pages" / "4_Run.py").read_text()
     assert "run_part(" in page and "get_or_compute" not in page
-    assert store_files.read_verified is store_module.read_verified

@@ -66,12 +66,14 @@ def run_on_workers(
         queue.submit(part, again=True)  # a job done before whose result is gone runs again
         waiting[part.run_id] = part
     procs: list[subprocess.Popen[bytes]] = []
-    starts = 0
+    starts, last_requeue = 0, 0.0
     bar = tqdm(total=len(parts), initial=len(outcomes), desc=title, unit="part",
                disable=not progress)  # fmt: skip
     try:
         while waiting:
-            queue.requeue_stale(lapse_s)
+            if time.monotonic() - last_requeue >= 1.0:  # a write: not on every poll
+                queue.requeue_stale(lapse_s)
+                last_requeue = time.monotonic()
             jobs = {j.job_id: j for j in queue.jobs(list(waiting))}
             alive = [p for p in procs if p.poll() is None]
             pending = [j for j in jobs.values() if not j.done]

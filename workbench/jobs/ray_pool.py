@@ -129,16 +129,15 @@ def run_on_ray(
 ) -> list[Any]:
     """Every part computed on the Ray cluster at ``address`` or served from ``store``
     (module docstring); outcomes in the order of ``parts``."""
-    from tqdm.auto import tqdm
 
-    from workbench.runner import PartOutcome, part_inputs, serve_stored
+    from workbench.runner import PartOutcome, serve_stored
 
     outcomes: dict[str, PartOutcome] = {}
     todo = serve_stored(parts, store, outcomes, read=read, on_result=on_result)
     if todo:
         ray = connect(address)
         try:
-            _run(ray, todo, store, outcomes, title, progress, read, on_result, part_inputs, tqdm)
+            _run(ray, todo, store, outcomes, title, progress, read, on_result)
         finally:
             ray.shutdown()
     failed = [o for o in outcomes.values() if o.status == "failed"]
@@ -160,13 +159,12 @@ def _run(
     progress: bool,
     read: bool,
     on_result: Callable[[Any], None] | None,
-    part_inputs: Callable[..., Any],
-    tqdm: Any,
 ) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from tqdm.auto import tqdm
 
     from workbench.jobs.queue import request_json
-    from workbench.runner import PartOutcome
+    from workbench.runner import PartOutcome, part_inputs
 
     Progress, PartWorker = _actor_classes(ray)
     tracker = Progress.remote()
