@@ -135,19 +135,33 @@ def test_a_part_whose_actor_dies_is_retried_on_a_fresh_actor(cluster, tmp_path):
         except BaseException as e:
             errors.append(e)
 
+    def actors() -> set[int]:
+        found = set()
+        for p in psutil.process_iter(["pid", "cmdline", "status"]):
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any("PartWorker" in c for c in (p.info["cmdline"] or [])):
+                found.add(p.info["pid"])
+        return found
+
+    earlier = actors()  # actors of earlier tests may still be exiting: never the victim
     thread = threading.Thread(target=drive)
     thread.start()
-    victim = None
+    killed = None
     deadline = time.monotonic() + 120
-    while victim is None and time.monotonic() < deadline:
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            if any("PartWorker" in c for c in (p.info["cmdline"] or [])):
-                victim = p
+    while killed is None and time.monotonic() < deadline and thread.is_alive():
+        for pid in actors() - earlier:
+            try:
+                victim = psutil.Process(pid)
+                if sum(victim.cpu_times()[:2]) < 1.0:
+                    continue  # not yet loading the model and computing
+                victim.send_signal(signal.SIGKILL)
+                killed = pid
                 break
+            except psutil.NoSuchProcess:
+                continue
         time.sleep(0.2)
-    assert victim is not None, "no PartWorker actor process appeared"
-    time.sleep(3)  # let it load the model and start computing
-    victim.send_signal(signal.SIGKILL)
+    assert killed is not None, "no new PartWorker seen computing (or the part ended first)"
     thread.join(timeout=300)
     assert not errors, errors
     assert [o.status for o in out] == ["computed"]
