@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -365,19 +365,30 @@ def circuit_cmd(
 
 @app.command("kvplan")
 def kvplan_cmd(
-    run_id: Annotated[str, typer.Argument(help="a stored kv_head_scores run (a unique prefix)")],
-    rule: Annotated[str, typer.Option(help="razor (the paper's shares) or top_k")] = "razor",
-    k: Annotated[int, typer.Option(help="full KV heads for top_k (by induction)")] = 1,
+    run_id: Annotated[
+        str, typer.Argument(help="a stored run with KV-head scores (kv_head_scores, moa_influence)")
+    ],
+    rule: Annotated[
+        str, typer.Option(help="razor, top_k, threshold, quantile or budget")
+    ] = "razor",
+    metric: Annotated[str, typer.Option(help="the score the other rules rank by")] = "induction",
+    column: Annotated[str, typer.Option(help="max, mean or sum over a KV head's queries")] = "max",
+    k: Annotated[int, typer.Option(help="top_k: full KV heads")] = 1,
+    threshold: Annotated[float, typer.Option(help="threshold: full above it")] = 0.0,
+    quantile: Annotated[float, typer.Option(help="quantile: full above it")] = 0.5,
+    budget: Annotated[float, typer.Option(help="budget: kv_fraction at --n-ctx")] = 0.3,
+    n_ctx: Annotated[int, typer.Option(help="budget: the context length")] = 2048,
     sink: Annotated[int, typer.Option(help="sink tokens of a streaming head")] = 4,
     window: Annotated[int, typer.Option(help="recent tokens of a streaming head")] = 256,
+    compensation: Annotated[bool, typer.Option(help="RazorAttention's mean token")] = True,
     output: Annotated[Path | None, typer.Option("-o", help="write the plan as JSON")] = None,
 ) -> None:
     """A KV-cache plan from stored KV-head scores: which heads keep the full cache; its budget."""
-    from workbench.circuits.kvplans import build_plan, kv_scores, save_plan
+    from workbench.circuits.kvplans import RULES, build_plan, kv_scores, save_plan
     from workbench.store import ResultStore
 
-    if rule not in ("razor", "top_k"):
-        raise WorkbenchError(f"unknown rule '{rule}' here", "use razor or top_k")
+    if rule not in RULES:
+        raise WorkbenchError(f"unknown KV plan rule '{rule}'", f"choose from {', '.join(RULES)}")
     store = ResultStore()
     scored = store.load(run_id)
     if "kv_heads" not in scored.tables:
@@ -386,13 +397,18 @@ def kvplan_cmd(
         )
     kv = scored.tables["kv_heads"]
     grid = (int(kv["layer"].max()) + 1, int(kv["kv_head"].max()) + 1)
-    scores = {m: kv_scores(kv, m, grid) for m in ("induction", "echo")}
+    names = ("induction", "echo") if rule == "razor" else (metric,)
+    scores = {m: kv_scores(kv, m, grid, column) for m in names}
     if rule != "razor":
-        scores = {"score": scores["induction"]}
-    plan = build_plan(str(scored.key["model"]), rule, scores, sink=sink, window=window, k=k,
-                      sources=[scored.run_id])  # fmt: skip
+        scores = {"score": scores[metric]}
+    native = {int(a): int(b) for a, b in scored.info.get("native_windows", {}).items()}
+    extra: dict[str, Any] = {"k": k, "threshold": threshold, "quantile": quantile, "budget": budget,
+             "n_ctx": n_ctx}  # fmt: skip
+    plan = build_plan(str(scored.key["model"]), rule, scores, sink=sink, window=window,
+                      compensation=compensation, native=native, sources=[scored.run_id],
+                      **extra)  # fmt: skip
     typer.echo(str(plan))
-    typer.echo("full: " + ", ".join(f"L{a}KV{b}" for a, b in sorted(plan.full)))
+    typer.echo("full: " + ", ".join(f"L{a}KV{b}" for a, b in sorted(plan.full) if a not in native))
     for n in (512, 1024, 2048, 8192):
         typer.echo(f"  kv_fraction({n}) = {plan.kv_fraction(n):.3f}")
     typer.echo(f"stored as run {save_plan(store, plan)}")

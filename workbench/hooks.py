@@ -13,6 +13,8 @@ kind                hook                                        shape
 ``mlp_out``         ``blocks.{l}.hook_mlp_out``                 ``batch pos d_model``
 ``q``               ``blocks.{l}.attn.hook_q``                  ``batch pos n_heads d_head``
 ``k`` / ``v``       ``blocks.{l}.attn.hook_k`` / ``hook_v``     ``batch pos n_kv_heads d_head``
+``rot_q``           ``blocks.{l}.attn.hook_rot_q`` (after RoPE) ``batch pos n_heads d_head``
+``rot_k``           ``blocks.{l}.attn.hook_rot_k`` (after RoPE) ``batch pos n_kv_heads d_head``
 ``z``               ``blocks.{l}.attn.hook_z``                  ``batch pos n_heads d_head``
 ``pattern``         ``blocks.{l}.attn.hook_pattern``            ``batch n_heads q_pos k_pos``
 ``scores``          ``blocks.{l}.attn.hook_attn_scores``        ``batch n_heads q_pos k_pos``
@@ -45,6 +47,8 @@ _LAYER_HOOKS = {
     "q": "blocks.{l}.attn.hook_q",
     "k": "blocks.{l}.attn.hook_k",
     "v": "blocks.{l}.attn.hook_v",
+    "rot_q": "blocks.{l}.attn.hook_rot_q",
+    "rot_k": "blocks.{l}.attn.hook_rot_k",
     "z": "blocks.{l}.attn.hook_z",
     "pattern": "blocks.{l}.attn.hook_pattern",
     "scores": "blocks.{l}.attn.hook_attn_scores",

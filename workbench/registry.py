@@ -15,9 +15,12 @@ from workbench.analyses import (
     attribution_patching,
     causal_validation,
     direct_logit_attribution,
+    duo_gates,
     head_detectors,
     kv_head_scores,
+    kv_plan_eval,
     logit_lens,
+    moa_influence,
     path_patching,
     retrieval_heads,
 )
@@ -56,6 +59,9 @@ _PACKAGES = (
     retrieval_heads,
     causal_validation,
     kv_head_scores,
+    moa_influence,
+    kv_plan_eval,
+    duo_gates,
 )
 for _package in _PACKAGES:
     register(_package.ENTRY)

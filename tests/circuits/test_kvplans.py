@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -115,3 +116,46 @@ def test_cli_builds_stores_and_exports_a_plan(tmp_path, monkeypatch, capsys):
     assert stored == plan and plan.window == 8 and plan.sources == (run_id,)
     assert main(["kvplan", run_id, "--rule", "nope"]) == 2
     assert main(["kvplan", "ffffffff"]) == 2
+
+
+def test_natively_sliding_layers_are_never_chosen_and_cost_their_window():
+    plan = build_plan("m", "top_k", {"score": IND}, k=5, native={0: 8, 2: 8}, window=60)
+    chosen = [h for h in plan.full if h[0] not in (0, 2)]
+    assert len(chosen) == 5 and plan.n_full == 5 and len(plan.streamable) == 40
+    assert all(plan.policy((0, g)) == "native" for g in range(5))
+    n = 1000
+    want = (5 * n + 10 * 8 + 35 * 65) / (50 * n)
+    assert plan.kv_fraction(n) == pytest.approx(want)
+    assert KVPlan.from_dict(json.loads(plan.to_json())) == plan
+    with pytest.raises(WorkbenchError, match="already slides"):
+        KVPlan("m", GRID, frozenset(), native=((0, 8),))
+
+
+def test_quantile_rule_keeps_the_heads_above_the_quantile():
+    plan = build_plan("m", "quantile", {"score": IND}, quantile=0.8)
+    cut = np.quantile(IND, 0.8)
+    assert plan.full == frozenset(h for h in np.ndindex(GRID) if IND[h] > cut)
+    with pytest.raises(WorkbenchError, match="quantile"):
+        build_plan("m", "quantile", {"score": IND}, quantile=1.0)
+
+
+def test_controls_match_the_plan_budget_and_layers():
+    from collections import Counter
+
+    from workbench.circuits.kvplans import controls
+
+    plan = build_plan("m", "top_k", {"score": IND}, k=7)
+    ctl = controls(plan, 20, seed=1, scores=IND)
+    assert sum(n.startswith("random_u") for n in ctl) == 20
+    assert sum(n.startswith("random_l") for n in ctl) == 20
+    layers = Counter(a for a, _ in plan.full)
+    for name, c in ctl.items():
+        if name.startswith("random"):
+            assert c.n_full == 7
+        if name.startswith("random_l"):
+            assert Counter(a for a, _ in c.full) == layers
+    assert len({c.full for n, c in ctl.items() if n.startswith("random_u")}) > 15
+    lowest = sorted(np.ndindex(GRID), key=lambda h: IND[h])[:7]
+    assert ctl["anti"].full == frozenset(lowest)
+    assert ctl["all_stream"].n_full == 0 and ctl["all_full"].n_full == 50
+    assert controls(plan, 20, seed=1, scores=IND)["random_u3"] == ctl["random_u3"]  # seeded

@@ -276,3 +276,17 @@ def test_builtin_tasks_with_smollm2_tokenizer():
         assert len(s.context) == s.context_length
         assert s.context[start:end].tolist() == codec.encode(" " + s.needle)
         assert codec.decode(s.answer.tolist()) == s.real_needle
+
+
+def test_texts_haystack_domain_gives_long_natural_text(load):
+    from workbench.tasks._common import tasks_data
+    from workbench.tasks.needle import HAYSTACK_DIR, load_haystack
+
+    model = load("tiny-llama")
+    p = build_task("texts", model.codec, {"domains": ["haystack"], "seq_len": 120,
+                                          "n_per_domain": 3})  # fmt: skip
+    assert p.clean.shape == (3, 120) and p.meta["domains"] == ["haystack"] * 3
+    hay = load_haystack(tasks_data(HAYSTACK_DIR.name))
+    first = model.codec.decode(p.clean[0].tolist())
+    assert first.strip()[:40] in hay  # the samples are the haystack's own text
+    assert len({tuple(r) for r in p.clean.tolist()}) == 3

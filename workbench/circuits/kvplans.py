@@ -16,6 +16,8 @@ For a context of ``N`` tokens a KV head caches ``N`` (full) or ``min(N, sink + w
   (Tang et al. 2024); ``ceil(share * n)`` heads each;
 - ``top_k``: the ``k`` KV heads with the largest score are full;
 - ``threshold``: every KV head with score ``> threshold`` is full;
+- ``quantile``: every KV head scored above the ``quantile`` of the scores is full (DuoAttention
+  thresholds its gates at a quantile);
 - ``budget``: the most heads in score order such that ``kv_fraction(N) <= budget``.
 
 NaN scores are never chosen; ties go by (layer, kv_head). A plan is hashable, has a content id
@@ -36,7 +38,7 @@ import numpy as np
 from workbench.errors import WorkbenchError
 from workbench.types import canonical_json, sha256_hex
 
-RULES = ("razor", "top_k", "threshold", "budget")
+RULES = ("razor", "top_k", "threshold", "quantile", "budget")
 PLAN_FORMAT = 1
 
 
@@ -50,6 +52,8 @@ class KVPlan:
     sink: int = 4
     window: int = 256
     compensation: bool = True
+    weighted: bool = True  # the compensation token counts as the number of keys it replaces
+    native: tuple[tuple[int, int], ...] = ()  # (layer, window) the model itself slides
     rule: str = ""
     params: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     sources: tuple[str, ...] = ()
@@ -62,8 +66,18 @@ class KVPlan:
                 f"KV plan: heads {sorted(bad)[:3]} outside the {n_layers} x {n_kv} grid",
                 "build the plan from this model's scores",
             )
-        if self.sink < 0 or self.window < 0:
-            raise WorkbenchError("KV plan: sink and window must be >= 0", "e.g. sink 4, window 256")
+        if self.sink < 0 or self.window < 1:
+            raise WorkbenchError(
+                f"KV plan: sink must be >= 0 and window >= 1 (got {self.sink}, {self.window})",
+                "e.g. sink 4, window 256",
+            )
+        native = {lay for lay, _ in self.native}
+        streamed = {lay for lay in native for g in range(n_kv) if (lay, g) not in self.full}
+        if streamed:
+            raise WorkbenchError(
+                f"KV plan streams layer {min(streamed)}, which the model already slides",
+                "keep natively sliding layers full (build_plan does)",
+            )
 
     @property
     def n_kv_heads(self) -> int:
@@ -71,9 +85,42 @@ class KVPlan:
 
     def cache(self, head: tuple[int, int], n: int) -> int:
         """Tokens KV head ``head`` keeps for a context of ``n`` tokens."""
+        native = dict(self.native).get(head[0])
+        if native is not None:
+            return min(n, native)
         if head in self.full:
             return n
         return min(n, self.sink + self.window + int(self.compensation))
+
+    @property
+    def streamable(self) -> list[tuple[int, int]]:
+        """KV heads a plan may choose between full and stream (not natively sliding)."""
+        native = {lay for lay, _ in self.native}
+        return [
+            (lay, g)
+            for lay in range(self.grid[0])
+            for g in range(self.grid[1])
+            if lay not in native
+        ]
+
+    @property
+    def n_full(self) -> int:
+        """Full KV heads the plan chose (natively sliding layers not counted)."""
+        native = {lay for lay, _ in self.native}
+        return sum(1 for h in self.full if h[0] not in native)
+
+    def policy(self, head: tuple[int, int]) -> str:
+        if head[0] in dict(self.native):
+            return "native"
+        return "full" if head in self.full else "stream"
+
+    def replace(self, full: Iterable[tuple[int, int]], rule: str, **params: Any) -> KVPlan:
+        """The same stream policy with another set of full heads (native layers kept full)."""
+        native = {(lay, g) for lay, _ in self.native for g in range(self.grid[1])}
+        return KVPlan(
+            self.model, self.grid, frozenset(set(full) | native), self.sink, self.window,
+            self.compensation, self.weighted, self.native, rule, params, self.sources,
+        )  # fmt: skip
 
     def kv_fraction(self, n: int) -> float:
         """``sum_g cache_g(n) / (n_kv_heads * n)``."""
@@ -90,7 +137,13 @@ class KVPlan:
             "model": self.model,
             "grid": list(self.grid),
             "full": sorted([list(h) for h in self.full]),
-            "stream": {"sink": self.sink, "window": self.window, "compensation": self.compensation},
+            "stream": {
+                "sink": self.sink,
+                "window": self.window,
+                "compensation": self.compensation,
+                "weighted": self.weighted,
+            },
+            "native": [list(x) for x in self.native],
             "rule": self.rule,
             "params": dict(self.params),
             "sources": list(self.sources),
@@ -114,6 +167,8 @@ class KVPlan:
                 sink=int(stream["sink"]),
                 window=int(stream["window"]),
                 compensation=bool(stream["compensation"]),
+                weighted=bool(stream.get("weighted", True)),
+                native=tuple((int(a), int(b)) for a, b in d.get("native", ())),
                 rule=str(d.get("rule", "")),
                 params=dict(d.get("params", {})),
                 sources=tuple(str(s) for s in d.get("sources", ())),
@@ -122,10 +177,11 @@ class KVPlan:
             raise WorkbenchError(f"malformed KV plan JSON ({e})", "write it with to_json") from None
 
     def __str__(self) -> str:
+        native = f", {len(self.native)} layers slide natively" if self.native else ""
+        comp = " + compensation" if self.compensation else ""
         return (
-            f"KVPlan({self.model}, {len(self.full)} of {self.n_kv_heads} KV heads full, "
-            f"stream sink {self.sink} + window {self.window}"
-            f"{' + compensation' if self.compensation else ''}, rule {self.rule or '-'})"
+            f"KVPlan({self.model}, {self.n_full} of {len(self.streamable)} KV heads full{native}, "
+            f"stream sink {self.sink} + window {self.window}{comp}, rule {self.rule or '-'})"
         )
 
 
@@ -155,6 +211,8 @@ def build_plan(
     sink: int = 4,
     window: int = 256,
     compensation: bool = True,
+    weighted: bool = True,
+    native: Mapping[int, int] | None = None,
     sources: Iterable[str] = (),
     **params: Any,
 ) -> KVPlan:
@@ -164,7 +222,9 @@ def build_plan(
         raise WorkbenchError(f"unknown KV plan rule '{rule}'", f"choose from {', '.join(RULES)}")
     first = next(iter(scores.values()))
     grid = (int(first.shape[0]), int(first.shape[1]))
-    n = grid[0] * grid[1]
+    slide = tuple(sorted((int(k), int(v)) for k, v in (native or {}).items()))
+    scores = {m: _without(v, slide) for m, v in scores.items()}
+    n = (grid[0] - len(slide)) * grid[1]  # KV heads the rule chooses between
     if rule == "razor":
         ind_share = float(params.get("induction_share", 0.14))
         echo_share = float(params.get("echo_share", 0.01))
@@ -184,19 +244,79 @@ def build_plan(
             t = float(params["threshold"])
             flat = np.asarray(scores["score"], dtype=float)
             full, used = {h for h in order if flat[h] > t}, {"threshold": t}
+        elif rule == "quantile":
+            q = float(params.get("quantile", 0.5))
+            if not 0 <= q < 1:
+                raise WorkbenchError(f"quantile must be in [0, 1), got {q}", "e.g. 0.5")
+            flat = np.asarray(scores["score"], dtype=float)
+            cut = float(np.nanquantile(flat, q))
+            full, used = {h for h in order if flat[h] > cut}, {"quantile": q, "cut": cut}
         else:  # budget
             budget, n_ctx = float(params.get("budget", 0)), int(params.get("n_ctx", 0))
             if not 0 < budget <= 1:
                 raise WorkbenchError(f"budget must be in (0, 1], got {budget}", "e.g. 0.3")
             full, used = set(), {"budget": budget, "n_ctx": n_ctx}
             for head in order:
-                trial = KVPlan(model, grid, frozenset(full | {head}), sink, window, compensation)
+                trial = KVPlan(
+                    model, grid, frozenset(full | {head} | _native_heads(slide, grid)), sink,
+                    window, compensation, weighted, slide,
+                )  # fmt: skip
                 if trial.kv_fraction(n_ctx) > budget:
                     break
                 full.add(head)
     return KVPlan(
-        model, grid, frozenset(full), sink, window, compensation, rule, used, tuple(sources)
-    )
+        model, grid, frozenset(full | _native_heads(slide, grid)), sink, window, compensation,
+        weighted, slide, rule, used, tuple(sources),
+    )  # fmt: skip
+
+
+def _native_heads(
+    slide: tuple[tuple[int, int], ...], grid: tuple[int, int]
+) -> set[tuple[int, int]]:
+    return {(lay, g) for lay, _ in slide for g in range(grid[1])}
+
+
+def _without(scores: np.ndarray, slide: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """``scores`` with the natively sliding layers' rows NaN (never chosen)."""
+    out = np.array(scores, dtype=float, copy=True)
+    for lay, _ in slide:
+        out[lay] = np.nan
+    return out
+
+
+def controls(
+    plan: KVPlan, n_random: int, seed: int, scores: np.ndarray | None = None
+) -> dict[str, KVPlan]:
+    """Plans at ``plan``'s number of full KV heads to judge it against: ``n_random`` uniform
+    random sets (``random_u{i}``), ``n_random`` with ``plan``'s per-layer counts of full heads
+    (``random_l{i}``), ``all_stream``, ``all_full`` and, given the scores the plan was ranked
+    by, the ``anti`` plan (the lowest-scored heads full). Seeded; every plan distinct from
+    ``plan`` where the grid allows."""
+    rng = np.random.default_rng(seed)
+    pool = plan.streamable
+    chosen = [h for h in pool if h in plan.full]
+    k = len(chosen)
+    out: dict[str, KVPlan] = {}
+    for i in range(n_random):
+        pick: list[int] = rng.choice(len(pool), size=k, replace=False).tolist() if k else []
+        out[f"random_u{i}"] = plan.replace(
+            [pool[j] for j in pick], "random_uniform", seed=seed, i=i
+        )
+    per_layer: dict[int, int] = {}
+    for lay, _ in chosen:
+        per_layer[lay] = per_layer.get(lay, 0) + 1
+    for i in range(n_random):
+        full = []
+        for lay, c in per_layer.items():
+            heads = [h for h in pool if h[0] == lay]
+            full += [heads[j] for j in rng.choice(len(heads), size=c, replace=False)]
+        out[f"random_l{i}"] = plan.replace(full, "random_layer_matched", seed=seed, i=i)
+    out["all_stream"] = plan.replace([], "all_stream")
+    out["all_full"] = plan.replace(pool, "all_full")
+    if scores is not None:
+        order = _order(-_without(scores, plan.native))
+        out["anti"] = plan.replace(order[:k], "anti")
+    return out
 
 
 PLAN_ANALYSIS = "kv_plan"

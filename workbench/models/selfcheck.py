@@ -290,8 +290,12 @@ def check_hooks(model: LoadedModel) -> Facts:
     want = {
         "q": (b, p, n_h, d_head), "k": (b, p, n_kv, d_head), "v": (b, p, n_kv, d_head),
         "z": (b, p, n_h, d_head), "pattern": (b, n_h, p, p), "scores": (b, n_h, p, p),
+        "rot_q": (b, p, n_h, d_head), "rot_k": (b, p, n_kv, d_head),
     }  # fmt: skip
-    names = {kind: hook_name(kind, 0) for kind in HOOK_KINDS}
+    rotary = hook_name("rot_q", 0) in model.bridge.hook_dict  # absent without RoPE (GPT-2)
+    names = {
+        kind: hook_name(kind, 0) for kind in HOOK_KINDS if rotary or kind not in ("rot_q", "rot_k")
+    }
     with torch.inference_mode():
         _, cache = model.bridge.run_with_cache(
             tokens, prepend_bos=False, names_filter=lambda n: n in names.values()

@@ -6,6 +6,8 @@ active on another). Domains:
 
 - ``prose``: ``data/tasks/texts/prose.txt`` (short English paragraphs written for this project)
 - ``code``: ``data/tasks/texts/code.txt`` (small Python / C / JavaScript / SQL snippets, ditto)
+- ``haystack``: the needle task's haystack (``data/tasks/haystack/*.txt``, about 11k tokens of
+  essays), for long natural-text samples (e.g. MoA's calibration at 512-2048 tokens)
 - ``repeated``: a block of ``repeat_block`` distinct random tokens (the induction task's pool)
   repeated until the sample is full
 - ``file``: the user's own texts from ``path``: a ``.txt`` file of paragraphs separated by
@@ -35,7 +37,7 @@ from workbench.tasks._common import (
 )
 from workbench.types import PromptSet
 
-DOMAINS = ("prose", "code", "repeated", "file")
+DOMAINS = ("prose", "code", "haystack", "repeated", "file")
 DEFAULT_DOMAINS = ("prose", "code", "repeated")
 TEXT_FILES = {"prose": "texts/prose.txt", "code": "texts/code.txt"}
 USER_SUFFIXES = (".txt", ".jsonl")
@@ -45,7 +47,10 @@ USER_SUFFIXES = (".txt", ".jsonl")
 class TextsParams:
     domains: tuple[str, ...] = field(
         default=DEFAULT_DOMAINS,
-        metadata={"help": "which of prose, code, repeated (random tokens), file (your path)"},
+        metadata={
+            "help": "which of prose, code, haystack (long essays), repeated (random tokens), "
+            "file (your path)"
+        },
     )
     path: str = field(
         default="",
@@ -123,6 +128,11 @@ def _text_samples(codec: TextCodec, domain: str, params: TextsParams, body: int)
     if domain == "file":
         path = _user_path(params)
         paragraphs = _user_paragraphs(path)
+    elif domain == "haystack":
+        from workbench.tasks.needle import HAYSTACK_DIR, load_haystack
+
+        path = tasks_data(HAYSTACK_DIR.name)
+        paragraphs = _paragraphs(load_haystack(path))
     else:
         path = tasks_data(TEXT_FILES[domain])
         if not path.is_file():

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.types import Analysis
+from workbench.types import Analysis, RoleRule
 
 
 @dataclass(frozen=True)
@@ -36,5 +36,6 @@ ENTRY = Analysis(
     loader=_load,
     default_task="repeated",
     tasks=("repeated",),
+    roles=(RoleRule("echo head", "echo", ">", 0.3, "kv_head_scores", "Tang et al. 2024"),),
     reference="Tang et al. 2024 (RazorAttention)",
 )

@@ -33,6 +33,7 @@ from workbench.errors import WorkbenchError
 from workbench.hooks import every_layer, kv_group, record
 from workbench.progress import steps
 from workbench.stats import mean_stderr, spearman
+from workbench.streaming import native_windows
 from workbench.types import AnalysisOutput, HeadMetric, PromptSet
 
 if TYPE_CHECKING:
@@ -119,5 +120,6 @@ def kv_head_scores(
             "scored_queries": n_q,
             "query_heads_per_kv_head": group,
             "spearman_induction_vs_head_detectors": rho,
+            "native_windows": {str(k): v for k, v in native_windows(model).items()},
         },
     )

@@ -1,0 +1,203 @@
+"""The cost of evaluating KV-cache plans, both sides measured in one run (SmolLM2 by default).
+
+1. **Whole evaluation** (``kv_plan_eval.compute.evaluate``: full attention's reference once per
+   sample, the first ``sink + window`` positions prefilled once per sample and shared by every
+   plan, then per plan one prefill of the rest, the answer teacher-forced on a copy of that
+   cache and greedy decoding from it) against the **naive loop** (per plan and sample: one
+   teacher-forced forward over context + answer, then greedy decoding with its own prefill;
+   nothing shared), on the same samples and plans (the razor plan + ``--random`` uniform random
+   plans of its size): wall time, forward-equivalents (tokens processed / context length),
+   ratios, and the largest metric difference between the two (they must agree).
+2. **Mask mode's price**: one forward per sample under the plan against unmodified forwards of
+   the same samples (the acceptance target is at most 1.3x).
+3. **decode vs mask**: time per sample of one plan's evaluation in each mode.
+4. **Peak RSS** of one ``--long``-token decode-mode evaluation, in a fresh subprocess.
+
+Usage: ``python benchmarks/bench_kvplans.py [--model smollm2-135m] [--samples 12] [--ctx 1024]
+[--random 20] [--long 2048]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def samples_for(model, n: int, ctx: int):
+    from workbench.tasks import build_task
+
+    needles = max(1, (n + 2) // 3)
+    depths = [10, 30, 50][: max(1, min(3, n))]
+    task = {"context_lengths": [ctx], "depth_percents": depths, "n_needles": needles}
+    built = build_task("needle", model.codec, task)
+    return list(getattr(built, "samples", ()))[:n]
+
+
+def razor_plan(model, store):
+    import numpy as np
+
+    from workbench.circuits.kvplans import build_plan, kv_scores
+    from workbench.runner import run_analysis
+    from workbench.streaming import native_windows
+
+    n_ctx = model.codec.n_ctx
+    task = {"n_prompts": 2} if n_ctx >= 1600 else {"n_prompts": 2, "length": n_ctx // 4}
+    s = run_analysis("kv_head_scores", model, task_params=task, store=store)
+    grid = (model.n_layers, model.n_kv_heads)
+    kv = s.tables["kv_heads"]
+    scores = {m: np.asarray(kv_scores(kv, m, grid)) for m in ("induction", "echo")}
+    return build_plan(model.name, "razor", scores, sink=4, window=256,
+                      native=native_windows(model), sources=[s.run_id])  # fmt: skip
+
+
+def naive(model, plans, samples, params):
+    """Per plan and sample: a teacher-forced forward and a separate greedy decode."""
+    import torch
+
+    from workbench.analyses.kv_plan_eval.compute import _metrics, _recall, _reference
+    from workbench.analyses.retrieval_heads.decode import greedy_answers, stop_ids
+    from workbench.streaming import StreamAttention
+
+    stops = stop_ids(model)
+    refs = [_reference(model, s) for s in samples]
+    rows, tokens = [], sum(int(s.context.shape[0] + s.answer.shape[0]) - 1 for s in samples)
+    for name, plan in plans.items():
+        for i, s in enumerate(samples):
+            n, m = int(s.context.shape[0]), int(s.answer.shape[0])
+            ids = torch.cat([s.context, s.answer[:-1]]).to(model.device)[None]
+            with StreamAttention(model, plan), torch.no_grad():
+                lp = torch.log_softmax(
+                    model.bridge(ids, prepend_bos=False, return_type="logits")[0].float(), -1
+                )
+                (dec,) = greedy_answers(
+                    model, [s], max_new_tokens=params.max_new_tokens, reuse=False
+                )
+            start = min(n - 1, plan.sink + plan.window)
+            out = _metrics(
+                lp[n - 1 :], refs[i], s.answer, lp[start : n - 1], s.context[start + 1 :]
+            )
+            out["recall"] = _recall(model, s, dec.tokens, stops)
+            rows.append({"plan": name, "sample": i, **out})
+            tokens += n + m - 1 + n + len(dec.tokens)
+    return rows, tokens
+
+
+def peak_rss_child(model_name: str, n: int) -> None:
+    """Run in a subprocess: one decode-mode evaluation of an ``n``-token sample; prints JSON."""
+    from workbench.analyses.kv_plan_eval import KVPlanEvalParams
+    from workbench.analyses.kv_plan_eval.compute import evaluate
+    from workbench.runner import ModelPool
+    from workbench.store import ResultStore
+
+    model = ModelPool().get(model_name)
+    import tempfile
+
+    plan = razor_plan(model, ResultStore(Path(tempfile.mkdtemp()) / "store"))
+    sample = samples_for(model, 1, n)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    params = KVPlanEvalParams(scores_run="x", mode="decode", max_new_tokens=16)
+    evaluate(model, {"plan": plan}, sample, params)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": time.perf_counter() - t0, "rss_before_mib": before / 1024,
+                      "peak_rss_mib": after / 1024}))  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--samples", type=int, default=12)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--random", type=int, default=20)
+    ap.add_argument("--long", type=int, default=2048)
+    ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        peak_rss_child(args.model, args.long)
+        return
+
+    import tempfile
+
+    import pandas as pd
+    import torch
+
+    from workbench.analyses.kv_plan_eval import KVPlanEvalParams
+    from workbench.analyses.kv_plan_eval.compute import METRICS, evaluate
+    from workbench.circuits.kvplans import controls
+    from workbench.runner import ModelPool
+    from workbench.store import ResultStore
+    from workbench.streaming import decode_with_eviction, plan_logits
+
+    model = ModelPool().get(args.model)
+    store = ResultStore(Path(tempfile.mkdtemp()) / "store")
+    plan = razor_plan(model, store)
+    samples = samples_for(model, args.samples, args.ctx)
+    ctl = controls(plan, args.random, seed=0)
+    plans = {"plan": plan, **{k: v for k, v in ctl.items() if k.startswith("random_u")}}
+    params = KVPlanEvalParams(scores_run="x", max_new_tokens=16)
+    print(f"{model.name}: {plan}; {len(samples)} samples x {len(plans)} plans at {args.ctx} "
+          f"tokens; kv_fraction {plan.kv_fraction(args.ctx):.3f}")  # fmt: skip
+
+    evaluate(model, {"plan": plan}, samples[:1], params)  # warm both paths once
+    naive(model, {"plan": plan}, samples[:1], params)
+    t0 = time.perf_counter()
+    ours, acct = evaluate(model, plans, samples, params)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows, naive_tokens = naive(model, plans, samples, params)
+    t_naive = time.perf_counter() - t0
+    theirs = pd.DataFrame(rows).set_index(["plan", "sample"])
+    mine = ours.set_index(["plan", "sample"]).loc[theirs.index]
+    diff = {m: float((mine[m] - theirs[m]).abs().max()) for m in METRICS}
+    fe_ours, fe_naive = acct["forward_equivalents"], naive_tokens / args.ctx
+    print(f"whole evaluation: {t_ours:.1f} s, {fe_ours:.0f} forward-equivalents; naive loop "
+          f"{t_naive:.1f} s, {fe_naive:.0f}; speed-up {t_naive / t_ours:.2f}x, forward ratio "
+          f"{fe_naive / fe_ours:.2f}x; largest metric difference {diff}")  # fmt: skip
+
+    ids = [s.context.to(model.device)[None] for s in samples]
+    with torch.no_grad():
+        model.bridge(ids[0], prepend_bos=False, return_type="logits")  # warm
+        t0 = time.perf_counter()
+        for x in ids:
+            model.bridge(x, prepend_bos=False, return_type="logits")
+        t_plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for x in ids:
+        plan_logits(model, plan, x)
+    t_mask = time.perf_counter() - t0
+    print(f"mask mode: {t_mask:.2f} s for {len(ids)} forwards vs {t_plain:.2f} s unmodified: "
+          f"{t_mask / t_plain:.2f}x (target <= 1.3x)")  # fmt: skip
+
+    one = {"plan": plan}
+    n = min(4, len(samples))
+    t0 = time.perf_counter()
+    evaluate(model, one, samples[:n], params)
+    per_mask = (time.perf_counter() - t0) / n
+    t0 = time.perf_counter()
+    evaluate(model, one, samples[:n], KVPlanEvalParams(scores_run="x", mode="decode",
+                                                       max_new_tokens=16))  # fmt: skip
+    per_decode = (time.perf_counter() - t0) / n
+    dec = decode_with_eviction(model, plan, samples[0].context, feed_last=50)
+    fed = dec.logits.shape[0]
+    print(f"per sample: mask {per_mask:.2f} s, decode {per_decode:.2f} s "
+          f"({per_decode / per_mask:.2f}x); decode fed {fed} tokens singly")  # fmt: skip
+
+    child = subprocess.run(
+        [sys.executable, __file__, "--rss-child", "--model", args.model, "--long", str(args.long)],
+        check=True, capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    rss = json.loads(child.stdout.strip().splitlines()[-1])
+    peak, loaded = rss["peak_rss_mib"], rss["rss_before_mib"]
+    print(f"decode evaluation at {args.long} tokens: {rss['seconds']:.1f} s, peak RSS "
+          f"{peak:.0f} MiB (model loaded: {loaded:.0f} MiB)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
