@@ -80,8 +80,9 @@ def naive(model, plans, samples, params):
                     model, [s], max_new_tokens=params.max_new_tokens, reuse=False
                 )
             start = min(n - 1, plan.sink + plan.window)
+            stop = min(start + params.ppl_tokens, n - 1)
             out = _metrics(
-                lp[n - 1 :], refs[i], s.answer, lp[start : n - 1], s.context[start + 1 :]
+                lp[n - 1 :], refs[i], s.answer, lp[start:stop], s.context[start + 1 : stop + 1]
             )
             out["recall"] = _recall(model, s, dec.tokens, stops)
             rows.append({"plan": name, "sample": i, **out})

@@ -124,6 +124,7 @@ class _Layer:
     pending_k: Tensor | None = None
     rot_q: Tensor | None = None  # this forward's rotated queries (decode mode)
     blend: tuple[Tensor, Tensor, Tensor] | None = None  # (weight of z_kept, v_c, has)
+    pending_blend: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # (kept, s_c, n, v_c)
     # decode mode: sums of the evicted keys / values of the streaming KV heads, and how many
     ksum: Tensor | None = None
     vsum: Tensor | None = None
@@ -167,6 +168,7 @@ class StreamAttention:
             out.append((hook_name("rot_q" if rotary else "q", layer), self._q_hook(st)))
             out.append((hook_name("rot_k" if rotary else "k", layer), self._k_hook(st)))
             out.append((hook_name("scores", layer), self._scores_hook(st)))
+            out.append((hook_name("pattern", layer), self._pattern_hook(st)))
             out.append((hook_name("z", layer), self._z_hook(st)))
         return out
 
@@ -197,8 +199,7 @@ class StreamAttention:
         q = st.rot_q[:, :, st.q_idx].float()  # [b, q, h, d]
         k = st.keys[:, n_k - n_q :, st.kv_local].float()  # [b, q, h, d]
         want = (q * k).sum(-1).transpose(1, 2) * st.scale  # [b, h, q]
-        idx = torch.arange(n_q, device=s.device)
-        got = s[:, st.q_idx][:, :, idx, idx + n_k - n_q].float()
+        got = s.diagonal(n_k - n_q, -2, -1)[:, st.q_idx].float()  # the key of the query itself
         tol = 1e-3 * (1.0 + float(want.abs().max()))
         if s.dtype != torch.float32:
             tol *= 30
@@ -254,21 +255,38 @@ class StreamAttention:
                 kept = s[:, st.q_idx].masked_fill(drop, torch.finfo(s.dtype).min)
                 s[:, st.q_idx] = kept
             n_bhq = n.expand(s_c.shape)
-            self._set_blend(st, kept, s_c.to(s.dtype), n_bhq, n_bhq > 0, v_c.to(s.dtype))
+            self._stash(st, kept, s_c, n_bhq, v_c.to(s.dtype))
             return s
 
         return hook
 
-    def _set_blend(
-        self, st: _Layer, kept: Tensor, s_c: Tensor, n: Tensor, has: Tensor, v_c: Tensor
-    ) -> None:
-        """Store the blend of z at this layer (module docstring); no compensation: weight 1."""
-        if not self.plan.compensation:
-            st.blend = (torch.ones_like(s_c), torch.zeros_like(v_c), has)
-            return
-        a = torch.logsumexp(kept.float(), dim=-1)
-        b = s_c.float() + (torch.log(n.clamp(min=1).float()) if self.plan.weighted else 0.0)
-        st.blend = (torch.sigmoid(a - b), v_c, has)
+    def _stash(self, st: _Layer, kept: Tensor, s_c: Tensor, n: Tensor, v_c: Tensor) -> None:
+        """Keep what the blend of z needs until the pattern is known (``_pattern_hook``)."""
+        st.blend = None
+        if self.plan.compensation:
+            st.pending_blend = (kept, s_c.float(), n, v_c)
+
+    def _pattern_hook(self, st: _Layer) -> Any:
+        """``a = logsumexp_{k kept} s_qk`` from the model's own softmax: the query's own key is
+        always kept, so ``a = s_qq - log A_qq`` (O(T) instead of O(T^2)); rows where ``A_qq``
+        is too small for that (< 1e-30) take the logsumexp of their kept scores."""
+
+        def hook(pattern: Tensor, hook: Any) -> None:
+            if st.pending_blend is None:
+                return
+            kept, s_c, n, v_c = st.pending_blend
+            st.pending_blend = None
+            off = int(kept.shape[-1]) - int(kept.shape[-2])
+            sub = kept  # [b, h, q, k]: the streaming heads' kept scores
+            p_qq = pattern.diagonal(off, -2, -1)[:, st.q_idx].float()  # [b, h, q]
+            a = sub.diagonal(off, -2, -1).float() - torch.log(p_qq.clamp(min=1e-45))
+            tiny = p_qq < 1e-30
+            if bool(tiny.any()):
+                a[tiny] = torch.logsumexp(sub.float()[tiny], dim=-1)
+            b = s_c + (torch.log(n.clamp(min=1).float()) if self.plan.weighted else 0.0)
+            st.blend = (torch.sigmoid(a - b), v_c, n > 0)
+
+        return hook
 
     def _z_hook(self, st: _Layer) -> Any:
         def hook(z: Tensor, hook: Any) -> Tensor:
@@ -309,14 +327,13 @@ class StreamAttention:
             st.blend = None
         else:
             n = torch.full(sub.shape[:-1], st.evicted, device=s.device)
-            has = torch.ones_like(n, dtype=torch.bool)
             if st.rot_q is None or st.ksum is None or st.vsum is None:
                 raise WorkbenchError("decode mode: no query or sums recorded", "report this")
             q = st.rot_q[:, -1:, st.q_idx].transpose(1, 2)  # [b, h, 1, d]
             k_c = (st.ksum / st.evicted)[:, st.kv_idx][:, :, None]  # [b, h, 1, d]
             s_c = (q.float() * k_c.float()).sum(-1) * st.scale
             v_c = (st.vsum / st.evicted)[:, st.kv_idx][:, :, None]
-            self._set_blend(st, kept, s_c.to(s.dtype), n, has, v_c.to(s.dtype))
+            self._stash(st, kept, s_c, n, v_c.to(s.dtype))
         out = s.clone()
         out[:, st.q_idx] = kept
         return out
@@ -390,7 +407,7 @@ class StreamAttention:
     def __exit__(self, *exc: Any) -> None:
         for st in self.layers.values():
             st.values = st.keys = st.pending = st.pending_k = None
-            st.rot_q = st.blend = st.ksum = st.vsum = None
+            st.rot_q = st.blend = st.pending_blend = st.ksum = st.vsum = None
             st.evicted = 0
         self._decoding = False
         self._cm.__exit__(*exc)

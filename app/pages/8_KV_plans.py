@@ -47,7 +47,8 @@ metric_name = "induction"
 if scored is not None and "kv_heads" in scored.tables:
     kv = scored.tables["kv_heads"]
     names = sorted(set(kv["metric"]))
-    metric_name = st.selectbox("Score shown on hover", names, key="kv.score")
+    default = names.index("induction") if "induction" in names else 0
+    metric_name = st.selectbox("Score shown on hover", names, index=default, key="kv.score")
     scores = kv_scores(kv, metric_name, tuple(plan["grid"]))
 st.plotly_chart(plan_grid_figure(plan, scores, metric_name), key="kv.grid")
 

@@ -162,4 +162,7 @@ def test_end_to_end_into_a_quantile_plan(load, store):
     plan = build_plan(model.name, "quantile", {"score": scores}, sink=2, window=8,
                       compensation=False, sources=[r.run_id], quantile=0.5)  # fmt: skip
     assert plan.grid == grid and plan.rule == "quantile"
-    assert all(scores[h] > plan.params["cut"] for h in plan.full)
+    assert plan.n_full == plan.params["kept"] == int(np.ceil(0.5 * scores.size))
+    assert min(scores[h] for h in plan.full) >= max(
+        scores[h] for h in np.ndindex(grid) if h not in plan.full
+    )

@@ -139,6 +139,22 @@ def test_the_oracle_on_gemma_covers_only_its_global_layers(load, store):
     assert len(r.tables["oracle"]) == 2 ** len(plan.streamable)
 
 
+def test_extra_runs_are_pooled_per_kv_head_and_rank_plans(scored, store):
+    model, s = scored
+    det = run_analysis("head_detectors", model, "induction",
+                       task_params={"seq_len": 8, "n_prompts": 2}, store=store)  # fmt: skip
+    r = _eval(model, store, s.run_id, extra_runs=[det.run_id], rule="top_k", k=1,
+              metric="previous_token", n_random=1)  # fmt: skip
+    prev = det.matrix("previous_token").to_numpy()
+    best = np.unravel_index(np.argmax(prev.reshape(2, 2, 2).max(-1)), (2, 2))
+    assert [tuple(h) for h in r.info["plan"]["full"]] == [tuple(int(x) for x in best)]
+    assert (
+        "previous_token" in set(r.tables["rule_ranks"]["score"])
+        if "rule_ranks" in r.tables
+        else True
+    )
+
+
 def test_bad_input_is_refused_and_nothing_stored(scored, store):
     model, s = scored
     before = len(store.list_runs())

@@ -134,7 +134,10 @@ def test_natively_sliding_layers_are_never_chosen_and_cost_their_window():
 def test_quantile_rule_keeps_the_heads_above_the_quantile():
     plan = build_plan("m", "quantile", {"score": IND}, quantile=0.8)
     cut = np.quantile(IND, 0.8)
-    assert plan.full == frozenset(h for h in np.ndindex(GRID) if IND[h] > cut)
+    assert plan.full == frozenset(h for h in np.ndindex(GRID) if IND[h] > cut)  # 10 of 50
+    ties = np.ones(GRID)
+    ties[0, :3] = 0.5
+    assert build_plan("m", "quantile", {"score": ties}, quantile=0.5).n_full == 25
     with pytest.raises(WorkbenchError, match="quantile"):
         build_plan("m", "quantile", {"score": IND}, quantile=1.0)
 
@@ -159,3 +162,21 @@ def test_controls_match_the_plan_budget_and_layers():
     assert ctl["anti"].full == frozenset(lowest)
     assert ctl["all_stream"].n_full == 0 and ctl["all_full"].n_full == 50
     assert controls(plan, 20, seed=1, scores=IND)["random_u3"] == ctl["random_u3"]  # seeded
+
+
+def test_pool_kv_heads_pools_query_heads_per_kv_head():
+    import pandas as pd
+
+    from workbench.circuits.kvplans import pool_kv_heads
+
+    heads = pd.DataFrame(
+        [{"layer": lay, "head": h, "metric": "m", "value": float(10 * lay + h)}
+         for lay in range(2) for h in range(4)]
+    )  # fmt: skip
+    kv = pool_kv_heads(heads, 2).set_index(["layer", "kv_head"])
+    assert kv.loc[(1, 0), "max"] == 11 and kv.loc[(1, 0), "mean"] == 10.5
+    assert kv.loc[(0, 1), "sum"] == 2 + 3
+    same = pool_kv_heads(heads.assign(head=heads["head"] % 2), 2, axis="kv_head")
+    assert len(same) == 8 and (same["max"] == same["sum"]).all()
+    with pytest.raises(WorkbenchError, match="do not split"):
+        pool_kv_heads(heads, 3)

@@ -16,8 +16,9 @@ For a context of ``N`` tokens a KV head caches ``N`` (full) or ``min(N, sink + w
   (Tang et al. 2024); ``ceil(share * n)`` heads each;
 - ``top_k``: the ``k`` KV heads with the largest score are full;
 - ``threshold``: every KV head with score ``> threshold`` is full;
-- ``quantile``: every KV head scored above the ``quantile`` of the scores is full (DuoAttention
-  thresholds its gates at a quantile);
+- ``quantile``: the top ``ceil((1 - quantile) n)`` KV heads by score are full (DuoAttention
+  thresholds its gates at a quantile; by rank, so tied scores such as gates stuck at 1 still
+  give the stated share);
 - ``budget``: the most heads in score order such that ``kv_fraction(N) <= budget``.
 
 NaN scores are never chosen; ties go by (layer, kv_head). A plan is hashable, has a content id
@@ -203,6 +204,31 @@ def kv_scores(kv_table: Any, metric: str, grid: tuple[int, int], column: str = "
     return mat
 
 
+def pool_kv_heads(heads: Any, n_kv_heads: int, axis: str = "head") -> Any:
+    """A ``kv_heads`` table (layer, kv_head, metric, max, mean, sum) from a per-head table
+    (layer, head, metric, value) of query heads (``axis`` "head": KV head ``g`` pools query
+    heads ``g * group .. (g + 1) * group - 1``) or of KV heads already (``axis`` "kv_head")."""
+    import pandas as pd
+
+    rows = heads.dropna(subset=["value"])
+    if axis == "kv_head":
+        out = rows.assign(kv_head=rows["head"], max=rows["value"], mean=rows["value"],
+                          sum=rows["value"])  # fmt: skip
+        return out[["layer", "kv_head", "metric", "max", "mean", "sum"]].reset_index(drop=True)
+    if axis != "head":
+        raise WorkbenchError(
+            f"per-layer scores ({axis}) cannot rank KV heads", "use a per-head run"
+        )
+    n_heads = int(rows["head"].max()) + 1
+    if n_heads % n_kv_heads:
+        raise WorkbenchError(f"{n_heads} query heads do not split into {n_kv_heads} KV heads",
+                             "check the model")  # fmt: skip
+    group = n_heads // n_kv_heads
+    g = rows.assign(kv_head=rows["head"] // group)
+    agg = g.groupby(["layer", "kv_head", "metric"])["value"].agg(["max", "mean", "sum"])
+    return pd.DataFrame(agg.reset_index())
+
+
 def build_plan(
     model: str,
     rule: str,
@@ -248,9 +274,8 @@ def build_plan(
             q = float(params.get("quantile", 0.5))
             if not 0 <= q < 1:
                 raise WorkbenchError(f"quantile must be in [0, 1), got {q}", "e.g. 0.5")
-            flat = np.asarray(scores["score"], dtype=float)
-            cut = float(np.nanquantile(flat, q))
-            full, used = {h for h in order if flat[h] > cut}, {"quantile": q, "cut": cut}
+            keep = math.ceil((1 - q) * len(order))  # by rank: ties (gates at 1) still split
+            full, used = set(order[:keep]), {"quantile": q, "kept": keep}
         else:  # budget
             budget, n_ctx = float(params.get("budget", 0)), int(params.get("n_ctx", 0))
             if not 0 < budget <= 1:

@@ -21,6 +21,11 @@ class KVPlanEvalParams:
     scores_run: str = field(
         default="", metadata={"help": "stored kv_head_scores / moa_influence run (id or prefix)"}
     )
+    extra_runs: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "per-head runs (retrieval_heads, attention_sinks, ...) pooled per KV "
+                  "head into the scores (max / mean / sum over the heads sharing it)"},
+    )  # fmt: skip
     plan_run: str = field(
         default="", metadata={"help": "a stored kv_plan run instead of building one (optional)"}
     )
@@ -55,6 +60,9 @@ class KVPlanEvalParams:
         default=False, metadata={"help": "evaluate every plan (at most 10 streamable KV heads)"}
     )
     max_new_tokens: int = field(default=24, metadata={"help": "greedy answer length"})
+    ppl_tokens: int = field(
+        default=256, metadata={"help": "perplexity over this many positions after sink + window"}
+    )
 
     def validate(self) -> None:
         if not self.scores_run.strip() and not self.plan_run.strip():
@@ -71,8 +79,10 @@ class KVPlanEvalParams:
             raise WorkbenchError("kv_plan_eval: n_random must be >= 1", "use n_random = 20")
         if any(k < 0 for k in self.curve):
             raise WorkbenchError("kv_plan_eval: curve points are numbers of heads >= 0", "fix")
-        if self.max_new_tokens < 1 or self.feed_last < 1:
-            raise WorkbenchError("kv_plan_eval: max_new_tokens, feed_last >= 1", "use defaults")
+        if self.max_new_tokens < 1 or self.feed_last < 1 or self.ppl_tokens < 1:
+            raise WorkbenchError(
+                "kv_plan_eval: max_new_tokens, feed_last, ppl_tokens >= 1", "use defaults"
+            )
         if self.column not in ("max", "mean", "sum"):
             raise WorkbenchError(f"kv_plan_eval: unknown column '{self.column}'", "max/mean/sum")
 
@@ -88,6 +98,7 @@ def plan_inputs(params: KVPlanEvalParams, store: Any) -> dict[str, Any]:
         out["plan"] = plan.to_dict()
     sources = (out["plan"] or {}).get("sources") or [""]
     run = params.scores_run.strip() or sources[0]
+    scored = None
     if run:
         scored = store.load(run)
         if "kv_heads" not in scored.tables:
@@ -97,6 +108,26 @@ def plan_inputs(params: KVPlanEvalParams, store: Any) -> dict[str, Any]:
             )
         out["kv_table"] = scored.tables["kv_heads"]
         out["scores_run"] = scored.run_id
+    extra = []
+    for rid in params.extra_runs:
+        res = store.load(rid)
+        if out["kv_table"] is not None and res.key.get("model") != scored.key.get("model"):
+            raise WorkbenchError(
+                f"extra run {res.run_id} is of {res.key.get('model')}, the scores of "
+                f"{scored.key.get('model')}",
+                "give runs of one model",
+            )
+        n_kv = int(out["kv_table"]["kv_head"].max()) + 1 if out["kv_table"] is not None else 0
+        if not n_kv:
+            raise WorkbenchError("extra_runs need scores_run too", "give a kv_head_scores run")
+        from workbench.circuits.kvplans import pool_kv_heads
+
+        pooled = pool_kv_heads(res.heads, n_kv, res.head_axis)
+        extra.append(pooled[~pooled["metric"].isin(set(out["kv_table"]["metric"]))])
+    if extra:
+        import pandas as pd
+
+        out["kv_table"] = pd.concat([out["kv_table"], *extra], ignore_index=True)
     return out
 
 

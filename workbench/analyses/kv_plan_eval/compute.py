@@ -6,9 +6,10 @@ For each plan ``P`` (``workbench.streaming``) and needle sample (context ``c_1..
 - ``recall``: ROUGE-1 recall of ``r`` in the greedy answer (stemmed, as ``retrieval_heads``);
 - ``logprob``: teacher-forced ``(1/M) sum_t log p_P(a_t | c, a_<t)``;
 - ``kl``: ``(1/M) sum_t KL(p_full(. | c, a_<t) || p_P(. | c, a_<t))`` at the answer positions;
-- ``ppl``: ``exp`` of the mean next-token NLL over the context positions ``t >= sink + window``
-  (where a streaming head has dropped something; in ``decode`` mode the ``feed_last`` positions
-  fed one at a time), i.e. perplexity on the haystack text, which no score was chosen on.
+- ``ppl``: ``exp`` of the mean next-token NLL over the ``ppl_tokens`` context positions from
+  ``t = sink + window`` on (the first where a streaming head has dropped something; in
+  ``decode`` mode the ``feed_last`` positions fed one at a time), i.e. perplexity on the
+  haystack text, which no score was chosen on. Only those positions' logits are computed.
 
 Controls at the plan's number ``k`` of full KV heads (``kvplans.controls``): ``n_random``
 uniform random sets, ``n_random`` with the plan's per-layer counts, ``all_stream``,
@@ -104,10 +105,10 @@ def _plan(
 def _reference(model: LoadedModel, sample: NeedleSample) -> Tensor:
     """Full attention's log-probabilities at the answer positions, ``[M, vocab]``."""
     ids = torch.cat([sample.context, sample.answer[:-1]]).to(model.device)[None]
+    m = int(sample.answer.shape[0])
     with torch.no_grad():
-        logits = model.bridge(ids, prepend_bos=False, return_type="logits")[0]
-    n = int(sample.context.shape[0])
-    return torch.log_softmax(logits[n - 1 :].float(), -1)
+        logits = model.bridge(ids, prepend_bos=False, return_type="logits", logits_to_keep=m)[0]
+    return torch.log_softmax(logits.float(), -1)
 
 
 def _metrics(
@@ -150,11 +151,13 @@ def _mask_sample(
         if p:
             cache = copy.deepcopy(base)
             s.seed(cache)
+        stop = min(start + params.ppl_tokens, n - 1)  # perplexity positions [start, stop)
+        keep = torch.cat([torch.arange(start - p, stop - p), torch.tensor([n - 1 - p])])
         logits, cache = model.bridge(
             ctx[None, p:], prepend_bos=False, return_type="logits_and_cache", use_cache=True,
-            past_key_values=cache,
+            past_key_values=cache, logits_to_keep=keep.to(model.device),
         )  # fmt: skip
-        logits = logits[0].float()  # position p + j at row j
+        logits = logits[0].float()  # rows: positions start .. stop - 1, then n - 1
         forced = copy.deepcopy(cache)
         lp = [torch.log_softmax(logits[-1], -1)]
         if ans.shape[0] > 1:
@@ -164,8 +167,8 @@ def _mask_sample(
             )  # fmt: skip
             lp += list(torch.log_softmax(more[0].float(), -1))
         del forced
-        ctx_lp = torch.log_softmax(logits[start - p : n - 1 - p], -1)
-        out = _metrics(torch.stack(lp), ref, ans, ctx_lp, ctx[start + 1 :])
+        ctx_lp = torch.log_softmax(logits[:-1], -1)
+        out = _metrics(torch.stack(lp), ref, ans, ctx_lp, ctx[start + 1 : stop + 1])
         tokens: list[int] = []
         nxt = logits[-1]
         while len(tokens) < params.max_new_tokens and n + len(tokens) < model.codec.n_ctx:

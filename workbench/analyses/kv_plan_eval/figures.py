@@ -72,11 +72,13 @@ def controls_figure(plans: pd.DataFrame, metric: str = "recall") -> go.Figure:
                    text=rows["plan"], hovertemplate="%{text}: %{y:.4f}<extra></extra>")
         )  # fmt: skip
     named = plans[~plans["plan"].str.startswith("random_")]
-    for row in named.itertuples():
+    spots = ("top right", "bottom right", "top left", "bottom left")  # lines often nearly meet
+    for i, row in enumerate(named.sort_values(metric).itertuples()):
         fig.add_hline(
             y=float(getattr(row, metric)), line_dash="solid" if row.plan == "plan" else "dot",
             line_color="#d62728" if row.plan == "plan" else "#636363",
             annotation_text=f"{row.plan} {float(getattr(row, metric)):.3f}",
+            annotation_position=spots[i % len(spots)],
         )  # fmt: skip
     fig.update_layout(
         title=f"{metric}: the plan (red) among random plans with as many full KV heads",
