@@ -90,25 +90,39 @@ def naive(model, plans, samples, params):
     return rows, tokens
 
 
-def peak_rss_child(model_name: str, n: int) -> None:
-    """Run in a subprocess: one decode-mode evaluation of an ``n``-token sample; prints JSON."""
+def peak_rss_child(model_name: str, n: int, plan_json: str) -> None:
+    """Run in a subprocess: one decode-mode evaluation of an ``n``-token sample under the plan
+    in ``plan_json`` (so nothing else raised the high-water mark first); prints JSON."""
     from workbench.analyses.kv_plan_eval import KVPlanEvalParams
     from workbench.analyses.kv_plan_eval.compute import evaluate
+    from workbench.circuits.kvplans import KVPlan
     from workbench.runner import ModelPool
-    from workbench.store import ResultStore
 
     model = ModelPool().get(model_name)
-    import tempfile
-
-    plan = razor_plan(model, ResultStore(Path(tempfile.mkdtemp()) / "store"))
+    plan = KVPlan.from_dict(json.loads(Path(plan_json).read_text()))
     sample = samples_for(model, 1, n)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import threading
+
+    import psutil
+
+    me = psutil.Process()
+    before, peak, done = me.memory_info().rss, [0], threading.Event()
+
+    def watch() -> None:  # the load's own high-water mark (ru_maxrss) hides the evaluation's
+        while not done.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     t0 = time.perf_counter()
     params = KVPlanEvalParams(scores_run="x", mode="decode", max_new_tokens=16)
     evaluate(model, {"plan": plan}, sample, params)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": time.perf_counter() - t0, "rss_before_mib": before / 1024,
-                      "peak_rss_mib": after / 1024}))  # fmt: skip
+    done.set()
+    watcher.join()
+    high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": time.perf_counter() - t0, "rss_before_mib": before / 2**20,
+                      "peak_rss_mib": peak[0] / 2**20, "ru_maxrss_mib": high}))  # fmt: skip
 
 
 def main() -> None:
@@ -118,10 +132,11 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--random", type=int, default=20)
     ap.add_argument("--long", type=int, default=2048)
-    ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--only-rss", action="store_true", help="just the peak-RSS measurement")
     args = ap.parse_args()
     if args.rss_child:
-        peak_rss_child(args.model, args.long)
+        peak_rss_child(args.model, args.long, args.rss_child)
         return
 
     import tempfile
@@ -137,8 +152,12 @@ def main() -> None:
     from workbench.streaming import decode_with_eviction, plan_logits
 
     model = ModelPool().get(args.model)
-    store = ResultStore(Path(tempfile.mkdtemp()) / "store")
-    plan = razor_plan(model, store)
+    tmp = Path(tempfile.mkdtemp())
+    plan = razor_plan(model, ResultStore(tmp / "store"))
+    (tmp / "plan.json").write_text(plan.to_json())
+    if args.only_rss:
+        rss(args, tmp / "plan.json")
+        return
     samples = samples_for(model, args.samples, args.ctx)
     ctl = controls(plan, args.random, seed=0)
     plans = {"plan": plan, **{k: v for k, v in ctl.items() if k.startswith("random_u")}}
@@ -190,14 +209,20 @@ def main() -> None:
     print(f"per sample: mask {per_mask:.2f} s, decode {per_decode:.2f} s "
           f"({per_decode / per_mask:.2f}x); decode fed {fed} tokens singly")  # fmt: skip
 
+    rss(args, tmp / "plan.json")
+
+
+def rss(args: argparse.Namespace, plan_json: Path) -> None:
     child = subprocess.run(
-        [sys.executable, __file__, "--rss-child", "--model", args.model, "--long", str(args.long)],
+        [sys.executable, __file__, "--rss-child", str(plan_json), "--model", args.model,
+         "--long", str(args.long)],
         check=True, capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
-    rss = json.loads(child.stdout.strip().splitlines()[-1])
-    peak, loaded = rss["peak_rss_mib"], rss["rss_before_mib"]
-    print(f"decode evaluation at {args.long} tokens: {rss['seconds']:.1f} s, peak RSS "
-          f"{peak:.0f} MiB (model loaded: {loaded:.0f} MiB)")  # fmt: skip
+    out = json.loads(child.stdout.strip().splitlines()[-1])
+    peak, loaded = out["peak_rss_mib"], out["rss_before_mib"]
+    print(f"decode evaluation at {args.long} tokens: {out['seconds']:.1f} s, peak RSS during it "
+          f"{peak:.0f} MiB (model loaded: {loaded:.0f} MiB, +{peak - loaded:.0f}; the load's own "
+          f"high-water mark {out['ru_maxrss_mib']:.0f} MiB)")  # fmt: skip
 
 
 if __name__ == "__main__":

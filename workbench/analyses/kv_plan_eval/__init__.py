@@ -110,16 +110,16 @@ def plan_inputs(params: KVPlanEvalParams, store: Any) -> dict[str, Any]:
         out["scores_run"] = scored.run_id
     extra = []
     for rid in params.extra_runs:
+        if scored is None or out["kv_table"] is None:
+            raise WorkbenchError("extra_runs need scores_run too", "give a kv_head_scores run")
         res = store.load(rid)
-        if out["kv_table"] is not None and res.key.get("model") != scored.key.get("model"):
+        if res.key.get("model") != scored.key.get("model"):
             raise WorkbenchError(
                 f"extra run {res.run_id} is of {res.key.get('model')}, the scores of "
                 f"{scored.key.get('model')}",
                 "give runs of one model",
             )
-        n_kv = int(out["kv_table"]["kv_head"].max()) + 1 if out["kv_table"] is not None else 0
-        if not n_kv:
-            raise WorkbenchError("extra_runs need scores_run too", "give a kv_head_scores run")
+        n_kv = int(out["kv_table"]["kv_head"].max()) + 1
         from workbench.circuits.kvplans import pool_kv_heads
 
         pooled = pool_kv_heads(res.heads, n_kv, res.head_axis)
