@@ -21,18 +21,21 @@ keys alone. With ``D(q)`` empty nothing changes.
 Two modes (:class:`StreamAttention`):
 
 - ``mask``: one ordinary forward (with or without a KV cache); per streaming head the dropped
-  scores are set to the mask value at ``hook_attn_scores``, ``s_c`` is the mean of the dropped
-  scores, ``v_c`` the mean of the dropped values (all values of the sequence are kept for it),
-  and ``z`` is blended at ``hook_z``.
+  scores are set to the mask value at ``hook_attn_scores``; ``k_c`` and ``v_c`` are the means
+  of the dropped rotated keys and values from prefix sums over the sequence's keys and values
+  (kept for it), ``s_c = q . k_c * scale`` (every forward checks on the diagonal that the
+  scores are ``q_rot . k_rot * scale``); ``a`` is read off the model's own softmax, ``a = s_qq -
+  log A_qq`` (the query's own key is always kept; rows with ``A_qq < 1e-30`` take the
+  logsumexp), and ``z`` is blended at ``hook_z``.
 - ``decode`` (:func:`decode_with_eviction`): DuoAttention's protocol. The context is prefilled in
   chunks (streaming heads masked as above), then the dropped entries are *deleted* from the KV
   cache (zeroed; running sums of the evicted keys and values are kept for the compensation),
   then the last prompt tokens and the answer are fed one token at a time, each step evicting
-  the key that leaves the window. ``s_c = q . mean(K_evicted) * scale`` is computed from the
-  stored sums, independently of mask mode's mean of scores. The heads of one layer share one
-  cache tensor, so a deleted slot is also masked (its zero key would score 0, not minus
-  infinity); every step checks that the deleted slots really score 0 (the eviction reached the
-  cache the model reads) and refuses otherwise.
+  the key that leaves the window. ``s_c = q . mean(K_evicted) * scale`` from the sums of the
+  entries really taken out of the cache, not from the sequence's own keys. The heads of one
+  layer share one cache tensor, so a deleted slot is also masked (its zero key would score 0,
+  not minus infinity); every step checks that the deleted slots really score 0 (the eviction
+  reached the cache the model reads) and refuses otherwise.
 
 Both modes refuse what they cannot do exactly: streaming a layer the model already slides
 natively (Gemma 3's local layers), logit soft-capping, attention masks (padding), and a KV cache
