@@ -7,13 +7,14 @@ import caches
 import streamlit as st
 import widgets
 
+from workbench.analyses.kv_plan_eval import ENTRY
 from workbench.analyses.kv_plan_eval.compute import METRICS
 from workbench.analyses.kv_plan_eval.figures import controls_figure, curve_figure, plan_grid_figure
 from workbench.circuits.kvplans import kv_scores
 
 model_name = widgets.page("KV-cache plans")
 listed = caches.runs(model_name)
-evals = listed[listed["analysis"] == "kv_plan_eval"]
+evals = listed[listed["analysis"] == ENTRY.name]
 if evals.empty:
     st.info(
         "No stored KV-plan evaluation of this model yet. On the Run page run kv_head_scores, "

@@ -218,16 +218,19 @@ def _decode_sample(
 
 def evaluate(
     model: LoadedModel, plans: Mapping[str, KVPlan], samples: Sequence[NeedleSample],
-    params: KVPlanEvalParams, desc: str = "kv plans",
+    params: KVPlanEvalParams, desc: str = "kv plans", refs: Sequence[Tensor] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float]]:  # fmt: skip
-    """Every plan on every sample: a long table (plan, sample, metrics) and accounting."""
+    """Every plan on every sample: a long table (plan, sample, metrics) and accounting.
+    ``refs``: full attention's answer log-probabilities per sample when the caller already has
+    them (``_reference``; computed here otherwise)."""
     stops = stop_ids(model)
     t0 = time.perf_counter()
-    refs = [_reference(model, s) for s in samples]
+    own = refs is None
+    refs = [_reference(model, s) for s in samples] if refs is None else refs
     run = _mask_sample if params.mode == "mask" else _decode_sample
     share = min(p.sink + p.window for p in plans.values()) if params.mode == "mask" else 0
     share = min([share] + [int(s.context.shape[0]) - 1 for s in samples]) if share else 0
-    tokens = share * len(samples) + sum(int(s.context.shape[0] + s.answer.shape[0]) - 1
+    tokens = share * len(samples) + own * sum(int(s.context.shape[0] + s.answer.shape[0]) - 1
                                         for s in samples)  # fmt: skip
     rows = []
     order = [(i, name) for i in range(len(samples)) for name in plans]
@@ -332,7 +335,8 @@ def kv_plan_eval(
             f"{n_ctx}-token context", "use longer contexts",
         )  # fmt: skip
     plans = {"plan": built, **_variants(built, rank, every, params)}
-    table, acct = evaluate(model, plans, samples, params)
+    refs = [_reference(model, s) for s in samples]  # shared by the plans, curve and oracle
+    table, acct = evaluate(model, plans, samples, params, refs=refs)
     means = table.groupby("plan")[list(METRICS)].mean()
     kinds = {name: plans[name].rule or "plan" for name in plans}
     plan_rows = pd.DataFrame([
@@ -343,7 +347,7 @@ def kv_plan_eval(
     ])  # fmt: skip
     tables = {"plans": plan_rows, "samples": table, "summary": _summary(means)}
     if params.curve:
-        tables["curve"] = _curve(model, built, rank, samples, params, n_ctx)
+        tables["curve"] = _curve(model, built, rank, samples, params, n_ctx, refs)
     info: dict[str, Any] = {
         "plan": built.to_dict(),
         "plan_str": str(built),
@@ -358,13 +362,15 @@ def kv_plan_eval(
     if params.oracle:
         from workbench.analyses.kv_plan_eval.oracle import exhaustive
 
-        tables["oracle"], tables["rule_ranks"] = exhaustive(model, built, every, samples, params)
+        tables["oracle"], tables["rule_ranks"] = exhaustive(
+            model, built, every, samples, params, refs
+        )
     return AnalysisOutput(tables=tables, info=info)
 
 
 def _curve(
     model: LoadedModel, plan: KVPlan, rank: np.ndarray | None, samples: Sequence[NeedleSample],
-    params: KVPlanEvalParams, n_ctx: int,
+    params: KVPlanEvalParams, n_ctx: int, refs: Sequence[Tensor],
 ) -> pd.DataFrame:  # fmt: skip
     """Top-k by the ranking score and random k-sets, for every k of ``params.curve``."""
     if rank is None:
@@ -380,7 +386,7 @@ def _curve(
         for j in range(params.curve_random):
             pick = rng.choice(len(pool), size=k, replace=False)
             plans[f"rand{k}_{j}"] = plan.replace([pool[i] for i in pick], "random_uniform", k=k)
-    table, _ = evaluate(model, plans, samples, params, desc="budget curve")
+    table, _ = evaluate(model, plans, samples, params, desc="budget curve", refs=refs)
     means = table.groupby("plan")[list(METRICS)].mean()
     return pd.DataFrame([
         {"k": p.n_full, "kind": "scored" if name.startswith("top") else "random", "plan": name,

@@ -24,6 +24,8 @@ from workbench.errors import WorkbenchError
 from workbench.types import NeedleSample
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from workbench.models.loading import LoadedModel
 
 MAX_HEADS = 10
@@ -39,6 +41,7 @@ def exhaustive(
     every: Mapping[str, np.ndarray],
     samples: Sequence[NeedleSample],
     params: KVPlanEvalParams,
+    refs: Sequence[Tensor] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(oracle, rule_ranks)`` tables (module docstring)."""
     from workbench.analyses.kv_plan_eval.compute import METRICS, evaluate
@@ -52,7 +55,7 @@ def exhaustive(
         )
     subsets = [c for k in range(len(pool) + 1) for c in itertools.combinations(pool, k)]
     plans = {_label(c): plan.replace(c, "oracle") for c in subsets}
-    table, _ = evaluate(model, plans, samples, params, desc="oracle plans")
+    table, _ = evaluate(model, plans, samples, params, desc="oracle plans", refs=refs)
     means = table.groupby("plan")[list(METRICS)].mean()
     rows = pd.DataFrame(
         [{"plan": _label(c), "n_full": len(c), **means.loc[_label(c)].to_dict()} for c in subsets]
