@@ -147,9 +147,10 @@ def main() -> None:
     from workbench.analyses.kv_plan_eval import KVPlanEvalParams
     from workbench.analyses.kv_plan_eval.compute import METRICS, evaluate
     from workbench.circuits.kvplans import controls
+    from workbench.eviction import decode_with_eviction
     from workbench.runner import ModelPool
     from workbench.store import ResultStore
-    from workbench.streaming import decode_with_eviction, plan_logits
+    from workbench.streaming import plan_logits
 
     model = ModelPool().get(args.model)
     tmp = Path(tempfile.mkdtemp())

@@ -11,10 +11,10 @@ import torch
 
 from workbench.circuits.kvplans import KVPlan
 from workbench.errors import WorkbenchError
+from workbench.eviction import decode_with_eviction
 from workbench.hooks import record
 from workbench.streaming import (
     StreamAttention,
-    decode_with_eviction,
     native_windows,
     plan_logits,
 )

@@ -44,8 +44,9 @@ from workbench.analyses.retrieval_heads.decode import is_stop, stop_ids
 from workbench.analyses.retrieval_heads.rouge import rouge1_recall
 from workbench.circuits.kvplans import KVPlan, build_plan, controls, kv_scores
 from workbench.errors import WorkbenchError
+from workbench.eviction import decode_with_eviction
 from workbench.progress import steps
-from workbench.streaming import StreamAttention, decode_with_eviction, native_windows
+from workbench.streaming import StreamAttention, native_windows
 from workbench.types import AnalysisOutput, NeedleSample, NeedleSet
 
 if TYPE_CHECKING:
