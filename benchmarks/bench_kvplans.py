@@ -12,9 +12,15 @@
    the same samples (the acceptance target is at most 1.3x).
 3. **decode vs mask**: time per sample of one plan's evaluation in each mode.
 4. **Peak RSS** of one ``--long``-token decode-mode evaluation, in a fresh subprocess.
+5. **Layer sharing** (``kv_plan_eval/shared.py``) on ``--share-model`` (Gemma 3: only its global
+   layers 5, 11, 17 can stream, so its 8 plans start streaming at different depths): all 8 plans
+   on ``--share-samples`` needle samples with every plan resumed at its first streaming layer
+   from one full-attention run per sample, against the same evaluation with each plan's own
+   context forward (prefix still shared): time, forward-equivalents, ratio, metric difference.
 
 Usage: ``python benchmarks/bench_kvplans.py [--model smollm2-135m] [--samples 12] [--ctx 1024]
-[--random 20] [--long 2048]``.
+[--random 20] [--long 2048] [--share-model gemma3-270m] [--share-samples 3]
+[--only-rss | --only-share]``.
 """
 
 from __future__ import annotations
@@ -134,6 +140,9 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=2048)
     ap.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--only-rss", action="store_true", help="just the peak-RSS measurement")
+    ap.add_argument("--share-model", default="gemma3-270m")
+    ap.add_argument("--share-samples", type=int, default=3)
+    ap.add_argument("--only-share", action="store_true", help="just the layer-sharing part")
     args = ap.parse_args()
     if args.rss_child:
         peak_rss_child(args.model, args.long, args.rss_child)
@@ -152,6 +161,9 @@ def main() -> None:
     from workbench.store import ResultStore
     from workbench.streaming import plan_logits
 
+    if args.only_share:
+        layer_sharing(args)
+        return
     model = ModelPool().get(args.model)
     tmp = Path(tempfile.mkdtemp())
     plan = razor_plan(model, ResultStore(tmp / "store"))
@@ -211,6 +223,44 @@ def main() -> None:
           f"({per_decode / per_mask:.2f}x); decode fed {fed} tokens singly")  # fmt: skip
 
     rss(args, tmp / "plan.json")
+    layer_sharing(args)
+
+
+def layer_sharing(args: argparse.Namespace) -> None:
+    import itertools
+
+    from workbench.analyses.kv_plan_eval import KVPlanEvalParams
+    from workbench.analyses.kv_plan_eval.compute import METRICS, evaluate
+    from workbench.analyses.kv_plan_eval.shared import first_layer
+    from workbench.circuits.kvplans import KVPlan
+    from workbench.runner import ModelPool
+    from workbench.streaming import native_windows
+
+    model = ModelPool().get(args.share_model)
+    grid = (model.n_layers, model.n_kv_heads)
+    native = tuple(sorted(native_windows(model).items()))
+    none = frozenset((lay, g) for lay, _ in native for g in range(model.n_kv_heads))
+    base = KVPlan(model.name, grid, none, 4, 256, native=native)
+    pool = base.streamable
+    subsets = [c for k in range(len(pool) + 1) for c in itertools.combinations(pool, k)]
+    plans = {"+".join(f"L{a}" for a, _ in c) or "none": base.replace(c, "oracle") for c in subsets}
+    samples = samples_for(model, args.share_samples, args.ctx)
+    params = KVPlanEvalParams(scores_run="x", max_new_tokens=16)
+    firsts = sorted(first_layer(model, p) for p in plans.values())
+    print(f"{model.name}: {len(plans)} plans x {len(samples)} samples at {args.ctx} tokens; "
+          f"first streaming layers {firsts} of {model.n_layers}")  # fmt: skip
+    evaluate(model, {"none": plans["none"]}, samples[:1], params)  # warm
+    t0 = time.perf_counter()
+    on, acct_on = evaluate(model, plans, samples, params)
+    t_on = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    off, acct_off = evaluate(model, plans, samples, params, layer_sharing=False)
+    t_off = time.perf_counter() - t0
+    diff = max(float((on[m] - off[m]).abs().max()) for m in METRICS)
+    fe_on, fe_off = acct_on["forward_equivalents"], acct_off["forward_equivalents"]
+    print(f"layer sharing: {t_on:.1f} s, {fe_on:.1f} forward-equivalents; each plan's own "
+          f"forward {t_off:.1f} s, {fe_off:.1f}; speed-up {t_off / t_on:.2f}x, forward ratio "
+          f"{fe_off / fe_on:.2f}x; largest metric difference {diff:.2g}")  # fmt: skip
 
 
 def rss(args: argparse.Namespace, plan_json: Path) -> None:

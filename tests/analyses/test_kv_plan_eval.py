@@ -116,6 +116,69 @@ def test_sharing_the_prefix_across_plans_is_exact(load):
         _mask_sample(model, plan, sample, ref, params, stops, (19, _prefix(model, sample, 19)))
 
 
+def _shared_vs_alone(model, sample, full, sink, window, p):
+    from workbench.analyses.kv_plan_eval.compute import _mask_sample, _prefix, _reference
+    from workbench.analyses.kv_plan_eval.shared import ContextRun, first_layer
+    from workbench.analyses.retrieval_heads.decode import stop_ids
+
+    plan = KVPlan(model.name, (model.n_layers, model.n_kv_heads), frozenset(full), sink, window)
+    params = KVPlanEvalParams(scores_run="x", max_new_tokens=4)
+    ref, stops = _reference(model, sample), stop_ids(model)
+    prefix = (p, _prefix(model, sample, p))
+    alone, n_alone = _mask_sample(model, plan, sample, ref, params, stops, prefix)
+    base = ContextRun(model, sample)
+    assert base.ok
+    shared, n_shared = _mask_sample(model, plan, sample, ref, params, stops, prefix, base)
+    return plan, first_layer(model, plan), alone, shared, n_alone, n_shared
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_plans_resumed_at_their_first_streaming_layer_are_exact(load, name):
+    """Layer sharing: a plan resumed at its first streaming layer from one full-attention run
+    gives the same metrics as its own forward, and costs only the layers it recomputed."""
+    model = load(name)
+    sample = build_task("needle", model.codec, NEEDLES).samples[0]
+    n, g = model.n_layers, model.n_kv_heads
+    stream_layer = n - 1  # tiny-gemma3: its last layer is global
+    full = {(lay, h) for lay in range(stream_layer) for h in range(g)}
+    _, first, alone, shared, n_alone, n_shared = _shared_vs_alone(
+        model, sample, full, 2, 8 if name == "tiny-gemma3" else 16, 8
+    )
+    assert first == stream_layer > 0
+    assert shared == pytest.approx(alone, rel=1e-5, abs=1e-6)
+    assert alone["kl"] > 1e-6  # the plan did change something
+    ctx = int(sample.context.shape[0])
+    assert n_alone - n_shared == pytest.approx((ctx - 8) * first / n)
+    every = {(lay, h) for lay in range(n) for h in range(g)}  # all full: only the last block
+    _, first, alone, shared, *_ = _shared_vs_alone(model, sample, every, 2, 16, 8)
+    assert first == n - 1 and shared == pytest.approx(alone, rel=1e-5, abs=1e-6)
+    assert alone["kl"] <= 1e-6
+
+
+def test_evaluate_shares_layers_only_where_it_pays(load):
+    model = load("tiny-llama")
+    samples = build_task("needle", model.codec, NEEDLES).samples
+    top = {(0, 0), (0, 1)}
+    plans = {f"p{i}": KVPlan(model.name, (2, 2), frozenset(top | {(1, i % 2)}), 2, 16)
+             for i in range(3)}  # fmt: skip
+    params = KVPlanEvalParams(scores_run="x", max_new_tokens=4)
+    on, acct_on = evaluate(model, plans, samples, params)
+    off, acct_off = evaluate(model, plans, samples, params, layer_sharing=False)
+    pd.testing.assert_frame_equal(on, off, rtol=1e-5, atol=1e-6)
+    assert acct_on["shared_layer_runs"] == len(samples) and acct_off["shared_layer_runs"] == 0
+    assert acct_on["tokens"] < acct_off["tokens"]
+    low = {"a": KVPlan(model.name, (2, 2), frozenset({(1, 0)}), 2, 16)}  # L = 0: no gain
+    assert evaluate(model, low, samples, params)[1]["shared_layer_runs"] == 0
+
+
+@pytest.mark.models
+def test_layer_sharing_is_exact_on_smollm2(smollm2):
+    sample = build_task("needle", smollm2.codec, {**NEEDLES, "context_lengths": [160]}).samples[0]
+    full = {(lay, h) for lay in range(12) for h in range(3)} | {(20, 1)}
+    _, first, alone, shared, *_ = _shared_vs_alone(smollm2, sample, full, 4, 48, 40)
+    assert first == 12 and shared == pytest.approx(alone, rel=1e-4, abs=1e-5)
+
+
 def test_the_oracle_ranks_every_plan_and_every_rule(scored, store):
     model, s = scored
     r = _eval(model, store, s.run_id, n_random=1, oracle=True, curve=[1, 3], curve_random=1)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from workbench.analyses.kv_plan_eval import KVPlanEvalParams
+from workbench.analyses.kv_plan_eval.shared import ContextRun, first_layer, worth_it
 from workbench.analyses.retrieval_heads.decode import is_stop, stop_ids
 from workbench.analyses.retrieval_heads.rouge import rouge1_recall
 from workbench.circuits.kvplans import KVPlan, build_plan, controls, kv_scores
@@ -139,26 +140,35 @@ def _prefix(model: LoadedModel, sample: NeedleSample, n: int) -> Any:
 def _mask_sample(
     model: LoadedModel, plan: KVPlan, sample: NeedleSample, ref: Tensor,
     params: KVPlanEvalParams, stops: frozenset[int], prefix: tuple[int, Any] | None = None,
-) -> tuple[dict[str, float], int]:  # fmt: skip
+    shared: ContextRun | None = None,
+) -> tuple[dict[str, float], float]:  # fmt: skip
     """One sample in mask mode: the context after the shared ``prefix`` (``(length, cache)``,
-    copied), the answer teacher-forced on a copy of the cache, greedy decoding from the
-    original."""
+    copied; with ``shared``, resumed at the plan's first streaming layer), the answer
+    teacher-forced on a copy of the cache, greedy decoding from the original."""
     ctx, ans = sample.context.to(model.device), sample.answer.to(model.device)
     n = int(ctx.shape[0])
     start = min(n - 1, plan.sink + plan.window)
     p, base = prefix if prefix is not None else (0, None)
     with StreamAttention(model, plan) as s:
-        cache = None
-        if p:
-            cache = copy.deepcopy(base)
-            s.seed(cache)
         stop = min(start + params.ppl_tokens, n - 1)  # perplexity positions [start, stop)
         keep = torch.cat([torch.arange(start - p, stop - p), torch.tensor([n - 1 - p])])
-        logits, cache = model.bridge(
-            ctx[None, p:], prepend_bos=False, return_type="logits_and_cache", use_cache=True,
-            past_key_values=cache, logits_to_keep=keep.to(model.device),
-        )  # fmt: skip
-        logits = logits[0].float()  # rows: positions start .. stop - 1, then n - 1
+        if shared is not None and p:
+            layer = first_layer(model, plan)
+            cache = shared.cache(layer, base)
+            s.seed(cache)
+            logits = shared.resume(layer, p, cache, keep)
+            used = shared.cost(layer, p)
+        else:
+            cache = None
+            if p:
+                cache = copy.deepcopy(base)
+                s.seed(cache)
+            logits, cache = model.bridge(
+                ctx[None, p:], prepend_bos=False, return_type="logits_and_cache",
+                use_cache=True, past_key_values=cache, logits_to_keep=keep.to(model.device),
+            )  # fmt: skip
+            logits, used = logits[0].float(), float(n - p)
+        # logits rows: positions start .. stop - 1, then n - 1
         forced = copy.deepcopy(cache)
         lp = [torch.log_softmax(logits[-1], -1)]
         if ans.shape[0] > 1:
@@ -183,7 +193,7 @@ def _mask_sample(
             )  # fmt: skip
             nxt = step[0, -1].float()
     out["recall"] = _recall(model, sample, tokens, stops)
-    return out, n - p + int(ans.shape[0]) - 1 + len(tokens)
+    return out, used + int(ans.shape[0]) - 1 + len(tokens)
 
 
 def _recall(
@@ -198,7 +208,8 @@ def _recall(
 def _decode_sample(
     model: LoadedModel, plan: KVPlan, sample: NeedleSample, ref: Tensor,
     params: KVPlanEvalParams, stops: frozenset[int], prefix: tuple[int, Any] | None = None,
-) -> tuple[dict[str, float], int]:  # fmt: skip
+    shared: ContextRun | None = None,
+) -> tuple[dict[str, float], float]:  # fmt: skip
     """One sample in decode mode: real eviction, teacher forcing and greedy decoding."""
     ctx, ans = sample.context, sample.answer
     n = int(ctx.shape[0])
@@ -220,10 +231,13 @@ def _decode_sample(
 def evaluate(
     model: LoadedModel, plans: Mapping[str, KVPlan], samples: Sequence[NeedleSample],
     params: KVPlanEvalParams, desc: str = "kv plans", refs: Sequence[Tensor] | None = None,
+    layer_sharing: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, float]]:  # fmt: skip
     """Every plan on every sample: a long table (plan, sample, metrics) and accounting.
     ``refs``: full attention's answer log-probabilities per sample when the caller already has
-    them (``_reference``; computed here otherwise)."""
+    them (``_reference``; computed here otherwise). ``layer_sharing`` (mask mode): plans resume
+    at their first streaming layer from one full-attention run per sample (``shared.py``)
+    where that saves work."""
     stops = stop_ids(model)
     t0 = time.perf_counter()
     own = refs is None
@@ -231,15 +245,22 @@ def evaluate(
     run = _mask_sample if params.mode == "mask" else _decode_sample
     share = min(p.sink + p.window for p in plans.values()) if params.mode == "mask" else 0
     share = min([share] + [int(s.context.shape[0]) - 1 for s in samples]) if share else 0
-    tokens = share * len(samples) + own * sum(int(s.context.shape[0] + s.answer.shape[0]) - 1
+    tokens: float = share * len(samples) + own * sum(int(s.context.shape[0] + s.answer.shape[0]) - 1
                                         for s in samples)  # fmt: skip
     rows = []
     order = [(i, name) for i in range(len(samples)) for name in plans]
     shared: tuple[int, Any] | None = None
+    base: ContextRun | None = None
+    shared_runs = 0
+    layers = share > 0 and layer_sharing and worth_it(model, plans.values())
     for j, (i, name) in enumerate(steps(order, desc=desc)):
         if share and j % len(plans) == 0:  # a new sample: its prefix, shared by every plan
             shared = (share, _prefix(model, samples[i], share))
-        metrics, used = run(model, plans[name], samples[i], refs[i], params, stops, shared)
+            base = ContextRun(model, samples[i]) if layers else None
+            base = base if base is None or base.ok else None
+            tokens += base.n if base is not None else 0
+            shared_runs += base is not None
+        metrics, used = run(model, plans[name], samples[i], refs[i], params, stops, shared, base)
         tokens += used
         rows.append({"plan": name, "sample": i, **metrics})
     n_ctx = max(int(s.context.shape[0]) for s in samples)
@@ -249,6 +270,7 @@ def evaluate(
         "forward_equivalents": tokens / n_ctx,
         "reference_forwards": len(samples),
         "shared_prefix": share,
+        "shared_layer_runs": shared_runs,  # full-attention context runs plans resumed from
     }
     table = pd.DataFrame(rows)
     table["_order"] = table["plan"].map({name: k for k, name in enumerate(plans)})
