@@ -18,9 +18,11 @@ a BOS token follows the run's BOS policy; ``info["position_0"]`` says which it i
 
 **Per head.** ``sink_share`` = share of samples in which the head is a sink for the first token
 (``alpha_1 > epsilon``); ``first_token_importance`` = mean ``alpha_1``. **Hidden sinks** (Yu et
-al. 2024): every (sample, layer, head, position > first) with ``alpha_k > epsilon``, with the
-token string; only positions seen by at least ``hidden_min_queries`` queries are listed (the
-last positions have ``alpha_k`` averaged over very few queries; ``alpha_T = A[T, T]``).
+al. 2024): every (sample, layer, head, position) with ``alpha_k > epsilon`` except the head's
+first such position (normally the first token), with the token string: ACT's sink set, by the
+same rule (``workbench.attention_edits.sink_set``), so calibration acts on exactly these
+columns; only positions seen by at least ``hidden_min_queries`` queries are listed (the last
+positions have ``alpha_k`` averaged over very few queries; ``alpha_T = A[T, T]``).
 
 **Drains and peaks** (Guo et al. 2024, "Active-Dormant Attention Heads"). ``value_norm_ratio``:
 ``||v_0|| / median_{k >= 1} ||v_k||`` per layer and KV head (``hook_v``; query heads inherit
@@ -59,6 +61,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.analyses.attention_sinks import SinkParams
+from workbench.attention_edits import sink_set
 from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name, hooked, kv_group
 from workbench.stats import mean_stderr
@@ -276,8 +279,8 @@ def _hidden_table(
 
     t = stats.alpha.shape[-1]
     last = t - params.hidden_min_queries  # positions 1..last are seen by >= min queries
-    s, layer, head, pos = np.nonzero(sinks[..., 1 : max(last, 0) + 1])
-    pos = pos + 1
+    hidden = sink_set(sinks)  # ACT's sink set: every sink column but the first (shared rule)
+    s, layer, head, pos = np.nonzero(hidden[..., : max(last, 0) + 1])
     return pd.DataFrame(
         {
             "domain": [domains[i] for i in s],
