@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -162,22 +162,15 @@ def steer_attention(
     ``prompt_lens[r]``: row ``r``'s prompt length (keys at or after it are not steered); by
     default the length of the first forward inside the block (the prompt, before any cached
     decoding). A single span applies to every row."""
-    alpha = _unit("alpha", alpha, "0.01")
+    _unit("alpha", alpha, "0.01")
     chosen = _by_layer(_check_heads(model, heads))
-    log_alpha = math.log(alpha)
     state: dict[str, Tensor] = {}
 
     def weights(n_rows: int, n_k: int, device: torch.device) -> Tensor:
         if "bias" not in state:
             lens = list(prompt_lens) if prompt_lens is not None else [n_k] * n_rows
             rows = list(spans) * n_rows if len(spans) == 1 and n_rows > 1 else list(spans)
-            rows = check_spans(rows, lens)
-            width = max(lens)
-            bias = torch.zeros(len(rows), width)
-            for r, ((a, b), n) in enumerate(zip(rows, lens, strict=True)):
-                bias[r, :n] = log_alpha
-                bias[r, a:b] = 0.0
-            state["bias"] = bias.to(device)
+            state["bias"] = steering_bias(rows, lens, alpha, max(lens)).to(device)
         bias = state["bias"]
         if int(bias.shape[0]) != n_rows:
             raise WorkbenchError(
@@ -203,3 +196,40 @@ def steer_attention(
     hooks = [(hook_name("scores", la), make(idx)) for la, idx in sorted(chosen.items())]
     with hooked(model.bridge, hooks) as bridge:
         yield bridge
+
+
+def act_edit(tau: float, beta: float) -> Callable[[Tensor, Tensor, Tensor, int], Tensor]:
+    """ACT as a per-row edit of ``hook_pattern`` for :func:`workbench.head_sweep.sweep_heads`."""
+    from workbench.head_sweep import head_mask
+
+    beta = _unit("beta", beta, "0.4")
+
+    def edit(pattern: Tensor, mask: Tensor, prompt: Tensor, layer: int) -> Tensor:
+        new = calibrate_pattern(pattern, sink_columns(pattern, tau), beta)
+        return torch.where(head_mask(pattern, mask, "pattern"), new, pattern)
+
+    return edit
+
+
+def steering_bias(
+    spans: Sequence[tuple[int, int]], prompt_lens: Sequence[int], alpha: float, width: int
+) -> Float[Tensor, "n k"]:
+    """Per prompt, ``log alpha`` on its prompt keys outside its span, 0 elsewhere."""
+    rows = check_spans(spans, prompt_lens)
+    bias = torch.zeros(len(rows), width)
+    log_alpha = math.log(_unit("alpha", alpha, "0.01"))
+    for r, ((a, b), n) in enumerate(zip(rows, prompt_lens, strict=True)):
+        bias[r, : int(n)] = log_alpha
+        bias[r, a:b] = 0.0
+    return bias
+
+
+def pasta_edit(bias: Float[Tensor, "n k"]) -> Callable[[Tensor, Tensor, Tensor, int], Tensor]:
+    """PASTA as a per-row edit of ``hook_attn_scores`` (``bias`` from :func:`steering_bias`)."""
+    from workbench.head_sweep import head_mask
+
+    def edit(scores: Tensor, mask: Tensor, prompt: Tensor, layer: int) -> Tensor:
+        b = bias.to(scores.device)[prompt][:, None, None, : int(scores.shape[-1])]
+        return scores + head_mask(scores, mask, "scores").to(scores.dtype) * b.to(scores.dtype)
+
+    return edit

@@ -240,7 +240,14 @@ def test_recipe_hash_reads_user_files(tmp_path):
 
 
 def test_every_task_is_registered_with_a_version():
-    assert set(TASKS) == {*PROMPT_TASKS, "needle", "custom", "texts", "repeated"}
+    assert set(TASKS) == {
+        *PROMPT_TASKS,
+        "needle",
+        "custom",
+        "texts",
+        "repeated",
+        "knowledge_conflict",
+    }
     for spec in TASKS.values():
         assert spec.version and spec.description and spec.params_cls
 

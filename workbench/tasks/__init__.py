@@ -8,6 +8,7 @@ prompts respect its BOS policy and single-token constraints. Built-in tasks:
 - ``induction``: repeated random tokens (Olsson et al. 2022)
 - ``factual``: subject -> attribute recall, corrupted with another subject
 - ``colored_objects``: BIG-bench colored objects (Merullo et al. 2023)
+- ``knowledge_conflict``: a counterfactual context before a known fact (memory vs context)
 - ``needle``: needle in a haystack for retrieval heads (Wu et al. 2024), a :class:`NeedleSet`
 - ``custom``: the user's own pairs from a JSONL or CSV file
 - ``texts``: prose, code and repeated-token samples of T tokens (attention sinks)
@@ -33,6 +34,7 @@ from workbench.tasks import (
     factual,
     induction,
     ioi,
+    knowledge_conflict,
     needle,
     repeated,
     texts,
@@ -62,6 +64,7 @@ TASKS: dict[str, TaskSpec] = {
         induction.SPEC,
         factual.SPEC,
         colored_objects.SPEC,
+        knowledge_conflict.SPEC,
         needle.SPEC,
         custom.SPEC,
         texts.SPEC,
