@@ -198,7 +198,8 @@ def _compute(part: Part, model: LoadedModel, inputs: dict[str, Any]) -> tuple[di
     prompts = prompts.to(model.device)
     t1 = time.perf_counter()
     fn = analysis.load()
-    if isinstance(prompts, PromptGroups):  # lengths differ: one run per length, one result
+    if isinstance(prompts, PromptGroups) and analysis.task_kind != "groups":
+        # lengths differ: one run per length, one result
         from workbench.groups import merge_outputs
 
         output = merge_outputs(prompts, [fn(model, g, parsed, **inputs) for g in prompts.groups])

@@ -163,6 +163,7 @@ class Analysis:
     loader: Callable[[], Callable[..., Any]]
     default_task: str
     task_kind: str = "prompts"  # "prompts" (PromptSet), "needle" (NeedleSet) or "any"
+    # "groups": a PromptSet or a whole PromptGroups (otherwise the runner runs each group)
     version: str = "1"
     reference: str = ""
     checks: tuple[str, ...] = ()  # self-checks its fast paths need (models.selfcheck.CHECKS)
