@@ -10,10 +10,12 @@ or answering from the store never imports torch: an entry's function is imported
 from __future__ import annotations
 
 from workbench.analyses import (
+    act_search,
     activation_patching,
     attention_sinks,
     attribution_patching,
     causal_validation,
+    conflict_heads,
     direct_logit_attribution,
     duo_gates,
     head_detectors,
@@ -21,6 +23,7 @@ from workbench.analyses import (
     kv_plan_eval,
     logit_lens,
     moa_influence,
+    pasta_profile,
     path_patching,
     retrieval_heads,
 )
@@ -62,6 +65,9 @@ _PACKAGES = (
     moa_influence,
     kv_plan_eval,
     duo_gates,
+    conflict_heads,
+    pasta_profile,
+    act_search,
 )
 for _package in _PACKAGES:
     register(_package.ENTRY)

@@ -113,3 +113,14 @@ def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
     if n < 3:
         return float("nan"), n
     return pearson(ranks(x[ok]), ranks(y[ok])), n
+
+
+def random_rank(value: float, randoms: Any) -> tuple[float, float]:
+    """Where ``value`` falls among random controls ``r_1..r_n`` (larger is better):
+    ``percentile = 100 (#{r_i < v} + #{r_i = v} / 2) / n`` and the one-sided permutation
+    p-value ``p = (1 + #{r_i >= v}) / (1 + n)`` (a random control as good or better)."""
+    r = np.asarray(randoms, dtype=np.float64)
+    if r.size == 0:
+        return float("nan"), float("nan")
+    pct = 100.0 * (float((r < value).sum()) + 0.5 * float((r == value).sum())) / r.size
+    return pct, (1.0 + float((r >= value).sum())) / (1.0 + r.size)
