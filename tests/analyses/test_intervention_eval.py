@@ -65,7 +65,8 @@ def test_random_sets_have_the_chosen_size_and_layers(load):
     want = Counter(h.layer for h in chosen)
     for s in random_sets(model, chosen, 10, "layer_matched", 0):
         assert Counter(h.layer for h in s) == want and len(set(s)) == 3
-    assert random_sets(model, chosen, 4, "uniform", 1) == random_sets(model, chosen, 4, "uniform", 1)
+    again = random_sets(model, chosen, 4, "uniform", 1)
+    assert random_sets(model, chosen, 4, "uniform", 1) == again
 
 
 def test_heads_from_a_stored_run(load, store):
@@ -79,8 +80,8 @@ def test_heads_from_a_stored_run(load, store):
                      store=store)  # fmt: skip
     assert r.info["chosen"] == src.info["chosen"][key]
     with pytest.raises(WorkbenchError, match="chosen lists"):
-        run_analysis("intervention_eval", model, "knowledge_conflict",
-                     params={"heads_run": src.run_id, "heads_key": "nope"}, store=store)  # fmt: skip
+        params = {"heads_run": src.run_id, "heads_key": "nope"}
+        run_analysis("intervention_eval", model, "knowledge_conflict", params=params, store=store)
 
 
 def test_bad_input_is_refused_and_nothing_stored(load, store):

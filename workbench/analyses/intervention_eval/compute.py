@@ -115,17 +115,25 @@ def intervention_eval(
     for ps in groups:
         base = ResumableRun(model, ps.clean)
         sums["none"] += _per_prompt(base.final_logits, ps, 1).sum(0).double().cpu().numpy()
-        vals, c = sweep_heads(model, base, list(variants.values()), KINDS[params.intervention],
-                              _edit(model, ps, params), lambda lg, ps=ps: _per_prompt(
-                                  lg, ps, int(lg.shape[0]) // ps.n),
-                              batch_tokens=params.batch_tokens, desc="intervention sets")  # fmt: skip
-        for name, v in zip(variants, vals, strict=True):
-            sums[name] += v.sum(0).double().cpu().numpy()
+
+        def metric(lg: Tensor, ps: PromptSet = ps) -> Tensor:
+            return _per_prompt(lg, ps, int(lg.shape[0]) // ps.n)
+
+        vals, c = sweep_heads(
+            model, base, list(variants.values()), KINDS[params.intervention],
+            _edit(model, ps, params), metric, batch_tokens=params.batch_tokens,
+            desc="intervention sets",
+        )  # fmt: skip
+        for name, vv in zip(variants, vals, strict=True):
+            sums[name] += vv.sum(0).double().cpu().numpy()
         n, cost = n + ps.n, cost + c
     means = {name: s / max(n, 1) for name, s in sums.items()}
-    rows = [{"condition": name, "kind": name.split("_")[0] if name.startswith("random") else name,
-             "n_heads": 0 if name == "none" else len(variants[name]),
-             **{m: float(v[j]) for j, m in enumerate(METRICS)}} for name, v in means.items()]  # fmt: skip
+    rows = []
+    for name, mv in means.items():
+        kind = "random" if name.startswith("random") else name
+        size = 0 if name == "none" else len(variants[name])
+        rows.append({"condition": name, "kind": kind, "n_heads": size,
+                     **{m: float(mv[j]) for j, m in enumerate(METRICS)}})  # fmt: skip
     table = pd.DataFrame(rows)
     summary = []
     rand = table[table["kind"] == "random"]
@@ -146,6 +154,4 @@ def intervention_eval(
         "n_prompts": n, "random_pool": params.random_pool, "cost_forwards": cost,
         "heads_from": params.heads_run or "typed",
     }  # fmt: skip
-    return AnalysisOutput(
-        tables={"conditions": table, "summary": pd.DataFrame(summary)}, info=info
-    )
+    return AnalysisOutput(tables={"conditions": table, "summary": pd.DataFrame(summary)}, info=info)
