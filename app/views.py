@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import streamlit as st
 
 from workbench.result import Result
@@ -66,3 +68,32 @@ def job_status(run_id: str, key: str = "job") -> str:
 
     live()
     return job.state
+
+
+def run_request(request: Any, model_name: str, device: str = "cpu", dtype: str = "float32") -> str:
+    """Resolve and run one request as the Run page does: nothing if stored, a job when workers
+    run, otherwise here with a progress bar. Returns the run id (also put in the URL)."""
+    import caches
+
+    from workbench.progress import reporting
+    from workbench.runner import ModelPool, run_part
+
+    part = request.resolve()  # validates everything without loading the model
+    store = caches.store()
+    if store.has(part.run_id):
+        pass
+    elif caches.n_workers():  # a job: it lives in the store's job table, not in this page
+        caches.job_queue().submit(part)
+    else:
+        bar = st.progress(0.0, text="starting…")
+
+        def progress(desc: str, done: int, total: int) -> None:
+            bar.progress(min(1.0, done / max(total, 1)), text=f"{desc} {done}/{total}")
+
+        pool = ModelPool()
+        pool.add(caches.model(model_name, device, dtype))
+        with st.spinner(f"Running {request.analysis} on {model_name}…"), reporting(progress):
+            run_part(part, store, pool, read=False)
+        bar.progress(1.0, text="done")
+    st.query_params["run"] = part.run_id  # a reload or a shared link finds the run again
+    return str(part.run_id)

@@ -7,9 +7,8 @@ import streamlit as st
 import views
 import widgets
 
-from workbench.progress import reporting
 from workbench.registry import REGISTRY
-from workbench.runner import ModelPool, RunRequest, run_part
+from workbench.runner import RunRequest
 from workbench.tasks import TASKS
 from workbench.tasks.custom import write_pairs
 
@@ -60,25 +59,7 @@ if st.button("Run", type="primary", key="run.go"):
         request = RunRequest(
             analysis_name, model_name, run_task, params, task_params, prepend_bos, device, dtype
         )
-        part = request.resolve()  # validates everything without loading the model
-        store = caches.store()
-        if store.has(part.run_id):
-            pass
-        elif caches.n_workers():  # a job: it lives in the store's job table, not in this page
-            caches.job_queue().submit(part)
-        else:  # no worker pool: compute here, with a progress bar
-            bar = st.progress(0.0, text="starting…")
-
-            def progress(desc: str, done: int, total: int) -> None:
-                bar.progress(min(1.0, done / max(total, 1)), text=f"{desc} {done}/{total}")
-
-            pool = ModelPool()
-            pool.add(caches.model(model_name, device, dtype))
-            with st.spinner(f"Running {analysis_name} on {model_name}…"), reporting(progress):
-                run_part(part, store, pool, read=False)
-            bar.progress(1.0, text="done")
-        st.session_state.last_run = part.run_id
-        st.query_params["run"] = part.run_id  # a reload or a shared link finds the run again
+        st.session_state.last_run = views.run_request(request, model_name, device, dtype)
 
 last = st.session_state.get("last_run") or st.query_params.get("run")
 if last:
