@@ -35,6 +35,10 @@ class ConflictHeadsParams:
     role_threshold: float = field(
         default=0.1, metadata={"help": "|score| (logits) above which a head gets a role"}
     )
+    max_select: int = field(
+        default=16,
+        metadata={"help": "select-split prompts per format the per-head scores use (cost)"},
+    )
     require_known: bool = field(
         default=True,
         metadata={"help": "use only records whose question alone the model answers with o_m"},
@@ -53,6 +57,8 @@ class ConflictHeadsParams:
             raise WorkbenchError(
                 f"conflict_heads: n_random must be >= 1, got {self.n_random}", "use n_random = 20"
             )
+        if self.max_select < 1:
+            raise WorkbenchError("conflict_heads: max_select must be >= 1", "use 16")
         if self.batch_tokens < 1:
             raise WorkbenchError("conflict_heads: batch_tokens must be >= 1", "use 16384")
 

@@ -16,7 +16,8 @@ context head):
   context rates (argmax ``= o_m`` / ``= o_c``) under the ablation (``head_sweep``, resumed at
   ``h``'s layer).
 
-Scores are means over the *select* split's prompts, per format and over both. A head is
+Scores are means over the *select* split's prompts (at most ``max_select`` per format: each
+per-head sweep costs about ``n_heads / 2`` forwards of them), per format and over both. A head is
 sign-consistent for a score when its means in the two formats (one sentence; a paragraph) have the
 same sign; ``memory_score = max(s, 0)``, ``context_score = max(-s, 0)`` for consistent heads
 (0 otherwise) and ``mixed_score = min(|s_sentence|, |s_paragraph|)`` for inconsistent ones, ``s``
@@ -97,7 +98,9 @@ def _scores(model: LoadedModel, ps: PromptSet, params: ConflictHeadsParams) -> d
     heads = _all_heads(model)
     base, source = base_runs(model, ps)
     ld0 = logit_diff(base.final_logits.float(), ps.correct, ps.incorrect)  # [b]
-    patched, fallbacks = logits_receiver_sweep(base, source, heads)
+    patched, fallbacks = logits_receiver_sweep(
+        base, source, heads, batch_tokens=params.batch_tokens
+    )
     path = torch.stack([ld0 - logit_diff(patched[h].float(), ps.correct, ps.incorrect)
                         for h in heads], -1)  # fmt: skip
     comps = final_components(model, ps.clean)
@@ -165,6 +168,21 @@ def _by_split(
     return out
 
 
+def _cap(sets: list[PromptSet], most: int) -> list[PromptSet]:
+    """At most ``most`` prompts per format, in group order (the per-head sweeps' cost)."""
+    seen: dict[str, int] = {}
+    out = []
+    for ps in sets:
+        idx = []
+        for i, f in enumerate(ps.meta.get("formats") or ["sentence"] * ps.n):
+            if seen.get(f, 0) < most:
+                seen[f] = seen.get(f, 0) + 1
+                idx.append(i)
+        if idx:
+            out.append(ps if len(idx) == ps.n else _subset(ps, idx))
+    return out
+
+
 def conflict_heads(
     model: LoadedModel, prompts: PromptSet | PromptGroups, params: ConflictHeadsParams
 ) -> AnalysisOutput:
@@ -179,6 +197,7 @@ def conflict_heads(
             )
     keep = [_knows(model, g) if params.require_known else np.ones(g.n, bool) for g in groups]
     select, test = _by_split(groups, keep, "select"), _by_split(groups, keep, "test")
+    select = _cap(select, params.max_select)
     if not select or not test:
         raise WorkbenchError(
             f"conflict_heads: {sum(g.n for g in select)} select and {sum(g.n for g in test)} test "
