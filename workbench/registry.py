@@ -19,6 +19,7 @@ from workbench.analyses import (
     direct_logit_attribution,
     duo_gates,
     head_detectors,
+    intervention_eval,
     kv_head_scores,
     kv_plan_eval,
     logit_lens,
@@ -68,6 +69,7 @@ _PACKAGES = (
     conflict_heads,
     pasta_profile,
     act_search,
+    intervention_eval,
 )
 for _package in _PACKAGES:
     register(_package.ENTRY)

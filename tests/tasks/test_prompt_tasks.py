@@ -247,6 +247,7 @@ def test_every_task_is_registered_with_a_version():
         "texts",
         "repeated",
         "knowledge_conflict",
+        "label_choice",
     }
     for spec in TASKS.values():
         assert spec.version and spec.description and spec.params_cls

@@ -9,6 +9,7 @@ prompts respect its BOS policy and single-token constraints. Built-in tasks:
 - ``factual``: subject -> attribute recall, corrupted with another subject
 - ``colored_objects``: BIG-bench colored objects (Merullo et al. 2023)
 - ``knowledge_conflict``: a counterfactual context before a known fact (memory vs context)
+- ``label_choice``: in-context label-choice classification (sentiment, topic, question type)
 - ``needle``: needle in a haystack for retrieval heads (Wu et al. 2024), a :class:`NeedleSet`
 - ``custom``: the user's own pairs from a JSONL or CSV file
 - ``texts``: prose, code and repeated-token samples of T tokens (attention sinks)
@@ -35,6 +36,7 @@ from workbench.tasks import (
     induction,
     ioi,
     knowledge_conflict,
+    label_choice,
     needle,
     repeated,
     texts,
@@ -65,6 +67,7 @@ TASKS: dict[str, TaskSpec] = {
         factual.SPEC,
         colored_objects.SPEC,
         knowledge_conflict.SPEC,
+        label_choice.SPEC,
         needle.SPEC,
         custom.SPEC,
         texts.SPEC,
