@@ -20,8 +20,8 @@ analysis = REGISTRY[analysis_name]
 st.caption(analysis.description + (f" — {analysis.reference}" if analysis.reference else ""))
 
 # tasks an analysis declares (needle sets, plain texts) are offered to it alone; the others get
-# every prompt-pair task
-OWN_KIND = {t for entry in REGISTRY.values() for t in entry.tasks}
+# every prompt-pair task (those declared by prompt-group analyses, e.g. knowledge_conflict, too)
+OWN_KIND = {t for entry in REGISTRY.values() if entry.task_kind != "groups" for t in entry.tasks}
 if analysis.tasks:
     choices = list(analysis.tasks)
 else:
