@@ -90,5 +90,8 @@ def test_every_caller_runs_parts_through_run_part():
 
     assert "run_parts(" in inspect.getsource(spec.run_spec)
     assert "run_part(" in inspect.getsource(runner.run_analysis)
-    page = (Path(__file__).resolve().parents[1] / "app" / "pages" / "4_Run.py").read_text()
-    assert "run_part(" in page and "get_or_compute" not in page
+    app = Path(__file__).resolve().parents[1] / "app"
+    page = (app / "pages" / "4_Run.py").read_text()
+    views = (app / "views.py").read_text()  # the Run and Interventions pages share run_request
+    assert "views.run_request(" in page and "get_or_compute" not in page
+    assert "run_part(" in views and "get_or_compute" not in views
