@@ -179,6 +179,7 @@ class Analysis:
     """``(params, store) -> keyword arguments``: what it reads from the results store, resolved
     by the runner from the store it holds and passed to the function (torch-free)."""
     agreement: Agreement | None = None  # its pairing with an analysis scoring the same thing
+    chooses_heads: bool = False  # its runs list chosen heads in info["chosen"] (interventions)
 
     def load(self) -> Callable[..., Any]:
         return self.loader()

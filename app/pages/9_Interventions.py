@@ -11,10 +11,11 @@ import widgets
 from workbench.analyses.intervention_eval import ENTRY, INTERVENTIONS
 from workbench.analyses.intervention_eval.compute import METRICS
 from workbench.analyses.intervention_eval.figures import conditions_figure
+from workbench.registry import REGISTRY
 from workbench.runner import RunRequest
 from workbench.tasks import TASKS
 
-SOURCES = ("conflict_heads", "act_search", "pasta_profile", "intervention_eval")
+SOURCES = [name for name, entry in REGISTRY.items() if entry.chooses_heads]
 TASK_CHOICES = [
     t for t in ("knowledge_conflict", "label_choice", "factual", "ioi", "induction") if t in TASKS
 ]
@@ -34,7 +35,7 @@ with left:
             "Heads", value="L20H1, L25H4", key="iv.heads", help="e.g. L3H4, L20H1"
         )
     elif stored.empty:
-        st.info("No stored conflict_heads / act_search / pasta_profile run of this model yet.")
+        st.info(f"No stored run of {', '.join(SOURCES)} for this model yet.")
     else:
         run_id = st.selectbox(
             "Run",

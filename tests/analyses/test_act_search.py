@@ -23,12 +23,12 @@ from workbench.analyses.act_search.scoring import (
     choice_metric,
     correct,
     noise_floor,
-    rank_among,
 )
 from workbench.attention_edits import calibrate_attention
 from workbench.errors import WorkbenchError
 from workbench.head_sweep import naive_sweep
 from workbench.runner import run_analysis
+from workbench.stats import random_rank
 from workbench.tasks import build_task
 from workbench.types import Head
 
@@ -155,7 +155,7 @@ def test_random_sets_and_rank():
     sets = random_sets(scope, 5, 7, seed=2)
     assert len(sets) == 7 and all(len(set(s)) == 5 and set(s) <= set(scope) for s in sets)
     assert sets == random_sets(scope, 5, 7, seed=2) and sets != random_sets(scope, 5, 7, seed=3)
-    assert rank_among(0.5, [0.1, 0.5, 0.9, 0.2]) == (62.5, 3 / 5)
+    assert random_rank(0.5, [0.1, 0.5, 0.9, 0.2]) == (62.5, 3 / 5)
 
 
 def test_bad_input_is_refused_and_nothing_stored(load, store):

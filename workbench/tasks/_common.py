@@ -216,3 +216,25 @@ def make_prompt_set(
         prepend_bos=codec.prepend_bos,
         meta=full_meta,
     )
+
+
+def by_length(
+    task: str,
+    rows_by_len: dict[int, list[dict[str, Any]]],
+    counts: dict[str, Any],
+    per_prompt: Sequence[str],
+    build: Callable[[list[dict[str, Any]], dict[str, Any]], PromptSet],
+) -> PromptSet | PromptGroups:
+    """Rows of several token lengths as one :class:`PromptSet` (one length) or a
+    :class:`PromptGroups` of one set per length, shortest first; ``meta`` = ``counts`` plus the
+    ``per_prompt`` lists (each group's own slice in its set, all of them in the groups')."""
+    from workbench.types import PromptGroups
+
+    def meta(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**counts, **{k: [row[k] for row in rows] for k in per_prompt}}
+
+    ordered = [row for n in sorted(rows_by_len) for row in rows_by_len[n]]
+    if len(rows_by_len) == 1:
+        return build(ordered, meta(ordered))
+    groups = tuple(build(g, meta(g)) for _, g in sorted(rows_by_len.items()))
+    return PromptGroups(task, groups, meta(ordered))

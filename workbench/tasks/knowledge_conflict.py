@@ -36,12 +36,19 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from workbench.errors import WorkbenchError
 from workbench.models.codec import TextCodec
-from workbench.tasks._common import TaskSpec, known_token, make_prompt_set, read_jsonl_numbered
+from workbench.tasks._common import (
+    TaskSpec,
+    by_length,
+    known_token,
+    make_prompt_set,
+    read_jsonl_numbered,
+)
 from workbench.tasks.factual import ALL_FILE, VERIFIED_FILE, load_facts
 from workbench.types import PromptGroups, PromptSet
 
@@ -254,15 +261,7 @@ def build(codec: TextCodec, params: KnowledgeConflictParams) -> PromptSet | Prom
             f"single-token answers and a counterfactual, split '{params.split}')",
             "use split = 'all', another source, or another records file",
         )
-    ordered = [row for n in sorted(by_len) for row in by_len[n]]
-    meta = {**counts, **{k: [row[k] for row in ordered] for k in PER_PROMPT}}
-    if len(by_len) == 1:
-        return _prompt_set(codec, ordered, meta)
-    groups = tuple(
-        _prompt_set(codec, g, {**counts, **{k: [row[k] for row in g] for k in PER_PROMPT}})
-        for _, g in sorted(by_len.items())
-    )
-    return PromptGroups("knowledge_conflict", groups, meta)
+    return by_length("knowledge_conflict", by_len, counts, PER_PROMPT, partial(_prompt_set, codec))
 
 
 def _prompt_set(codec: TextCodec, rows: list[dict[str, Any]], meta: dict[str, Any]) -> PromptSet:

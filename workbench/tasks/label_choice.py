@@ -38,12 +38,20 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from workbench.errors import WorkbenchError
 from workbench.models.codec import TextCodec
-from workbench.tasks._common import TaskSpec, known_token, make_prompt_set, read_jsonl, tasks_data
+from workbench.tasks._common import (
+    TaskSpec,
+    by_length,
+    known_token,
+    make_prompt_set,
+    read_jsonl,
+    tasks_data,
+)
 from workbench.types import PromptGroups, PromptSet
 
 DATA_FILE = Path("tasks/label_choice.jsonl")
@@ -205,15 +213,7 @@ def build(codec: TextCodec, params: LabelChoiceParams) -> PromptSet | PromptGrou
         "n_prompts_by_subtask": {t: sum(r["subtasks"] == t for r in rows) for t in label_ids},
         "lengths": {str(n): len(v) for n, v in sorted(by_len.items())},
     }
-    ordered = [row for n in sorted(by_len) for row in by_len[n]]
-    meta = {**counts, **{k: [row[k] for row in ordered] for k in PER_PROMPT}}
-    if len(by_len) == 1:
-        return _prompt_set(codec, ordered, meta)
-    groups = tuple(
-        _prompt_set(codec, g, {**counts, **{k: [row[k] for row in g] for k in PER_PROMPT}})
-        for _, g in sorted(by_len.items())
-    )
-    return PromptGroups("label_choice", groups, meta)
+    return by_length("label_choice", by_len, counts, PER_PROMPT, partial(_prompt_set, codec))
 
 
 def _prompt_set(codec: TextCodec, rows: list[dict[str, Any]], meta: dict[str, Any]) -> PromptSet:

@@ -101,6 +101,7 @@ ENTRY = Analysis(
     loader=_load,
     default_task="label_choice",
     task_kind="groups",
+    chooses_heads=True,
     variant_params=("beta", "tau"),
     tasks=("label_choice", "factual", "ioi", "knowledge_conflict"),
     reference="Yu et al. 2024 (ACT, GATECH-EIC/ACT)",

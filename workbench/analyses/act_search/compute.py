@@ -43,11 +43,11 @@ from workbench.analyses.act_search.scoring import (
     SCORES,
     correct,
     noise_floor,
-    rank_among,
     score_prompts,
 )
 from workbench.errors import WorkbenchError
 from workbench.progress import steps
+from workbench.stats import random_rank
 from workbench.types import AnalysisOutput, Head, HeadMetric, PromptGroups, PromptSet
 
 if TYPE_CHECKING:
@@ -292,7 +292,7 @@ def summarize(ev: pd.DataFrame) -> pd.DataFrame:
         rand = t[t.index.str.startswith("random_")]
         for metric in ("acc", "logit_diff"):
             v = float(t.loc["chosen", metric])
-            pct, p = rank_among(v, rand[metric].tolist())
+            pct, p = random_rank(v, rand[metric].tolist())
             r = rand[metric].to_numpy(dtype=float)
             rows.append({
                 "task": task, "metric": metric, "base": float(t.loc["base", metric]),

@@ -140,13 +140,3 @@ def noise_floor(
         "logprob_nonpos_share": lp_nonpos,
         "chosen": chosen,
     }
-
-
-def rank_among(value: float, randoms: Sequence[float]) -> tuple[float, float]:
-    """``percentile = 100 (#{r < v} + #{r = v} / 2) / n`` and ``p = (1 + #{r >= v}) / (1 + n)``
-    (one-sided: a random set as good or better), as ``kv_plan_eval``'s summary."""
-    r = np.asarray(randoms, dtype=np.float64)
-    if r.size == 0:
-        return float("nan"), float("nan")
-    pct = 100.0 * (float((r < value).sum()) + 0.5 * float((r == value).sum())) / r.size
-    return pct, (1.0 + float((r >= value).sum())) / (1.0 + r.size)

@@ -87,6 +87,7 @@ ENTRY = Analysis(
         RoleRule("mixed conflict head", "mixed_score", ">", 0.1, "conflict_heads", _SRC),
     ),
     variant_params=("rank_by",),
+    chooses_heads=True,
     tasks=("knowledge_conflict",),
     reference=_SRC,
 )

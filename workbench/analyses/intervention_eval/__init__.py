@@ -101,7 +101,7 @@ def heads_inputs(params: InterventionEvalParams, store: Any) -> dict[str, Any]:
         if not isinstance(found, list) or not found:
             raise WorkbenchError(
                 f"run {res.run_id} ({res.key.get('analysis')}) lists no chosen heads",
-                "give a conflict_heads, act_search or pasta_profile run",
+                "give a run of an analysis that chooses heads (conflict_heads, act_search, ...)",
             )
         chosen = [str(h) for h in found]
     return {"stored_heads": chosen}
@@ -124,5 +124,6 @@ ENTRY = Analysis(
     task_kind="groups",
     inputs=heads_inputs,
     variant_params=("intervention",),
+    chooses_heads=True,
     reference="Jin et al. 2024 (PH3); Yu et al. 2024 (ACT); Zhang et al. 2024 (PASTA)",
 )

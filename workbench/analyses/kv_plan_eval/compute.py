@@ -47,6 +47,7 @@ from workbench.circuits.kvplans import KVPlan, build_plan, controls, kv_scores
 from workbench.errors import WorkbenchError
 from workbench.eviction import decode_with_eviction
 from workbench.progress import steps
+from workbench.stats import random_rank
 from workbench.streaming import StreamAttention, native_windows
 from workbench.types import AnalysisOutput, NeedleSample, NeedleSet
 
@@ -292,8 +293,7 @@ def _summary(means: pd.DataFrame, plan: str = "plan") -> pd.DataFrame:
             r = sign * means.loc[sel, metric].to_numpy(dtype=float)
             if r.size == 0:
                 continue
-            pct = 100.0 * (float((r < v).sum()) + 0.5 * float((r == v).sum())) / r.size
-            p = (1.0 + float((r >= v).sum())) / (1.0 + r.size)
+            pct, p = random_rank(v, r)
             row = {"metric": metric, "family": fam, "plan": sign * v,
                    "random_mean": sign * float(r.mean()), "random_std": float(r.std()),
                    "percentile": pct, "p_value": p, "n_random": int(r.size)}  # fmt: skip

@@ -205,5 +205,6 @@ ENTRY = Analysis(
     default_task="needle",
     task_kind="needle",
     tasks=("needle",),
+    chooses_heads=True,
     reference="Zhang et al. 2024 (PASTA, AutoPASTA)",
 )

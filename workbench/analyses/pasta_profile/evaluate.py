@@ -19,6 +19,7 @@ from workbench.analyses.pasta_profile.highlight import Batch, Span
 from workbench.analyses.retrieval_heads.decode import forward_batch, is_stop, stop_ids
 from workbench.attention_edits import pasta_edit, steer_attention, steering_bias
 from workbench.head_sweep import sweep_heads
+from workbench.stats import random_rank
 from workbench.types import Head
 
 if TYPE_CHECKING:
@@ -209,9 +210,7 @@ def eval_conflicts(
 
 def percentile_p(v: float, r: np.ndarray, sign: float) -> tuple[float, float]:
     """Percentile of ``v`` among ``r`` and the permutation p-value (module docstring)."""
-    v, r = sign * v, sign * np.asarray(r, dtype=float)
-    pct = 100.0 * (float((r < v).sum()) + 0.5 * float((r == v).sum())) / r.size
-    return pct, (1.0 + float((r >= v).sum())) / (1.0 + r.size)
+    return random_rank(sign * v, sign * np.asarray(r, dtype=float))
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
