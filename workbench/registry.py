@@ -18,6 +18,7 @@ from workbench.analyses import (
     conflict_heads,
     direct_logit_attribution,
     duo_gates,
+    edge_circuits,
     head_detectors,
     intervention_eval,
     kv_head_scores,
@@ -70,6 +71,7 @@ _PACKAGES = (
     pasta_profile,
     act_search,
     intervention_eval,
+    edge_circuits,
 )
 for _package in _PACKAGES:
     register(_package.ENTRY)

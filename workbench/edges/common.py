@@ -114,28 +114,35 @@ def _original(component: Any) -> Any:
     return getattr(component, "original_component", component)
 
 
+def head_contributions(
+    model: LoadedModel, layer: int, z: Float[Tensor, "batch pos n_heads d_head"]
+) -> Float[Tensor, "batch n_heads pos d_model"]:
+    """Each head's contribution ``z_h @ W_O[h]`` of ``layer``, through Gemma 3's post-attention
+    norm with the run's own scale frozen: ``(z_h @ W_O[h]) * s * (1 + w)``,
+    ``s = 1 / sqrt(mean((sum_h z_h @ W_O[h] + b_O)^2) + eps)`` per prompt and position."""
+    from workbench.analyses.direct_logit_attribution.compute import Norm
+
+    block = model.bridge.blocks[layer]
+    w_o = block.attn.W_O.detach().float()
+    heads = torch.einsum("bphd,hdm->bhpm", z.float(), w_o)
+    post = getattr(block, "ln1_post", None)
+    if post is not None:
+        norm = Norm.of(_original(post))
+        b_o = getattr(block.attn, "b_O", None)
+        total = heads.sum(1) + (b_o.detach().float() if b_o is not None else 0.0)
+        heads = norm.frozen(heads, norm.scale(total)[:, None])
+    return heads
+
+
 def stack_senders(
     model: LoadedModel, acts: dict[tuple[str, int], Tensor]
 ) -> Float[Tensor, "batch senders pos d_model"]:
-    """Every sender's contribution ``a_u`` (graph sender order) from one run's activations.
-
-    ``embed = resid_pre[0]``; head ``(l, h)``: ``z_h @ W_O[h]``, through Gemma 3's
-    post-attention norm with the run's own scale frozen: ``(z_h @ W_O[h]) * s * (1 + w)``,
-    ``s = 1 / sqrt(mean((sum_h z_h @ W_O[h] + b_O)^2) + eps)`` per prompt and position;
-    MLP ``l``: ``hook_mlp_out``."""
-    from workbench.analyses.direct_logit_attribution.compute import Norm
-
+    """Every sender's contribution ``a_u`` (graph sender order) from one run's activations:
+    ``embed = resid_pre[0]``; the heads of each layer (:func:`head_contributions`); MLP ``l``:
+    ``hook_mlp_out``."""
     parts = [acts[("resid_pre", 0)].float()[:, None]]
     for layer in range(model.n_layers):
-        block = model.bridge.blocks[layer]
-        w_o = block.attn.W_O.detach().float()
-        heads = torch.einsum("bphd,hdm->bhpm", acts[("z", layer)].float(), w_o)
-        post = getattr(block, "ln1_post", None)
-        if post is not None:
-            norm = Norm.of(_original(post))
-            b_o = getattr(block.attn, "b_O", None)
-            total = heads.sum(1) + (b_o.detach().float() if b_o is not None else 0.0)
-            heads = norm.frozen(heads, norm.scale(total)[:, None])
+        heads = head_contributions(model, layer, acts[("z", layer)])
         parts += [heads, acts[("mlp_out", layer)].float()[:, None]]
     return torch.cat(parts, dim=1)
 
