@@ -210,3 +210,48 @@ def test_bad_input_is_one_line_and_stores_nothing(load, store, params, fragment)
                      params={**SMALL, **params})  # fmt: skip
     assert fragment in str(info.value) and "\n" not in str(info.value)
     assert len(store.list_runs()) == 0
+
+
+def test_a_stored_run_exports_and_reimports_both_layouts(load, store, tmp_path):
+    from workbench.edges import (
+        export_run,
+        from_auto_circuit,
+        from_eap_ig_json,
+        load_json,
+        run_circuit,
+        run_scores,
+        save_json,
+    )
+
+    model = load("tiny-llama")
+    res = run_analysis("edge_circuits", model, "ioi", task_params={"n_prompts": 4}, store=store,
+                       params={**SMALL, "methods": "eap_ig", "ablations": "corrupted"})  # fmt: skip
+    again = store.load(res.run_id)  # from disk, no model
+    scores = run_scores(again, "eap_ig")
+    assert np.allclose(scores.scores, res.tables["edges"]["eap_ig"])
+    path = save_json(export_run(again, "eap_ig", "eap-ig"), tmp_path / "graph.json")
+    back, in_graph = from_eap_ig_json(load_json(path), edge_graph(model))
+    assert np.allclose([back[n] for n in scores.names()], scores.scores)
+    assert in_graph == set(run_circuit(again, "eap_ig"))
+    table = from_auto_circuit(export_run(again, "eap_ig", "auto-circuit"), edge_graph(model))
+    assert np.allclose([table[n] for n in scores.names()], scores.scores)
+    with pytest.raises(WorkbenchError, match="no 'eap' scores"):
+        run_scores(again, "eap")
+    with pytest.raises(WorkbenchError, match="unknown edge export format"):
+        export_run(again, "eap_ig", "acdc")
+
+
+def test_chosen_heads_overlap_a_stored_head_run(load, store):
+    """Node-collapsed edge circuits against a per-head patching run, by the overlap statistics."""
+    model = load("tiny-llama")
+    tp = {"n_prompts": 4}
+    heads = run_analysis("activation_patching", model, "ioi", task_params=tp, store=store)
+    res = run_analysis("edge_circuits", model, "ioi", task_params=tp, store=store,
+                       params={**SMALL, "ablations": "corrupted", "heads_run": heads.run_id,
+                               "heads_metric": "logit_diff"})  # fmt: skip
+    ov = res.tables["overlap"]
+    assert set(ov.method) == {"eap", "eap_ig"}
+    assert {"jaccard", "p_hypergeometric", "intersection"} <= set(ov.columns)
+    for _, row in ov.iterrows():
+        n = len(res.info["chosen"][row.method]["heads"])
+        assert row.size_a == row.size_b == n and 0 <= row.jaccard <= 1

@@ -19,28 +19,54 @@ from workbench.edges.graph import (
     edge_graph,
     edge_list,
 )
+from workbench.edges.interop import (
+    from_auto_circuit,
+    from_eap_ig_json,
+    load_json,
+    save_json,
+    to_auto_circuit,
+    to_eap_ig_json,
+)
+from workbench.edges.stored import export_run, run_circuit, run_scores
 
 if TYPE_CHECKING:
+    from workbench.edges.ablate import EdgeAblator
+    from workbench.edges.circuit import EdgeCircuit, circuit
     from workbench.edges.common import EdgeScores
     from workbench.edges.eap import eap_ig_scores, eap_scores, edge_attribution
     from workbench.edges.exact import exact_edge_patching
 
 __all__ = [
+    "EdgeAblator",
+    "EdgeCircuit",
     "EdgeGraph",
     "EdgeScores",
     "GraphEdge",
     "Receiver",
     "Sender",
     "build_graph",
+    "circuit",
     "eap_ig_scores",
     "eap_scores",
     "edge_attribution",
     "edge_graph",
     "edge_list",
     "exact_edge_patching",
+    "export_run",
+    "from_auto_circuit",
+    "from_eap_ig_json",
+    "load_json",
+    "run_circuit",
+    "run_scores",
+    "save_json",
+    "to_auto_circuit",
+    "to_eap_ig_json",
 ]
 
 _LAZY = {
+    "EdgeAblator": "workbench.edges.ablate",
+    "EdgeCircuit": "workbench.edges.circuit",
+    "circuit": "workbench.edges.circuit",
     "EdgeScores": "workbench.edges.common",
     "eap_scores": "workbench.edges.eap",
     "eap_ig_scores": "workbench.edges.eap",

@@ -236,6 +236,7 @@ def edge_circuits(
     }
     info = {
         "graph": graph.counts(),
+        "grid": [graph.n_layers, graph.n_heads, graph.n_kv_heads],
         "sizes": sizes,
         "rule": p.rule,
         "ablations": ablations,
