@@ -95,3 +95,19 @@ def test_every_caller_runs_parts_through_run_part():
     views = (app / "views.py").read_text()  # the Run and Interventions pages share run_request
     assert "views.run_request(" in page and "get_or_compute" not in page
     assert "run_part(" in views and "get_or_compute" not in views
+
+
+def test_prompts_an_analysis_builds_itself_enter_its_key(monkeypatch):
+    """pasta_profile builds knowledge-conflict prompts beside its needle task: their recipe is in
+    the run key, so a change of those prompts (here their split seed) is a new run, and a run
+    that uses no conflicts has the plain task key."""
+    from workbench.runner import RunRequest
+    from workbench.tasks import recipe_hash
+
+    a = RunRequest("pasta_profile", "tiny-llama", "needle").resolve()
+    b = RunRequest("pasta_profile", "tiny-llama", "needle", params={"conflict_seed": 1}).resolve()
+    plain = RunRequest("pasta_profile", "tiny-llama", "needle",
+                       params={"target": "needle", "evaluate": "needle"}).resolve()  # fmt: skip
+    assert a.key.data_hash != b.key.data_hash
+    assert plain.key.data_hash == recipe_hash("needle", plain.task_params)
+    assert a.key.data_hash != plain.key.data_hash

@@ -24,7 +24,7 @@ from workbench.hooks import model_lock
 from workbench.provenance import library_versions
 from workbench.registry import get_analysis
 from workbench.result import Result, head_table
-from workbench.types import Analysis, PromptGroups, RunKey
+from workbench.types import Analysis, PromptGroups, RunKey, sha256_hex
 
 if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
@@ -75,6 +75,10 @@ class RunRequest:
         task = self.task or entry.default_task
         task_params = parse_params(task, dict(self.task_params))
         libraries = {k: v for k, v in library_versions().items() if k != "workbench"}
+        data_hash = recipe_hash(task, task_params)
+        if entry.data_tasks is not None:
+            extra = [recipe_hash(t, tp) for t, tp in entry.data_tasks(parsed)]
+            data_hash = sha256_hex(data_hash, *extra) if extra else data_hash
         key = RunKey(
             model=self.model,
             model_fingerprint=model_fingerprint
@@ -82,7 +86,7 @@ class RunRequest:
             analysis=entry.name,
             params={**P.to_dict(parsed), "prepend_bos": _bos_key(self.prepend_bos)},
             task=task,
-            data_hash=recipe_hash(task, task_params),
+            data_hash=data_hash,
             code_version=f"{__version__}+{entry.name}.{entry.version}",
             libraries=libraries,
         )

@@ -180,6 +180,8 @@ class Analysis:
     by the runner from the store it holds and passed to the function (torch-free)."""
     agreement: Agreement | None = None  # its pairing with an analysis scoring the same thing
     chooses_heads: bool = False  # its runs list chosen heads in info["chosen"] (interventions)
+    # params -> [(task, task_params)] it builds itself: their recipes enter the run key
+    data_tasks: Callable[[Any], Sequence[tuple[str, Mapping[str, Any]]]] | None = None
 
     def load(self) -> Callable[..., Any]:
         return self.loader()

@@ -188,6 +188,26 @@ def read_head_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def conflict_task_params(params: PastaParams, split: str) -> dict[str, Any]:
+    """The ``knowledge_conflict`` parameters of one split (``select`` profiles, ``test``
+    evaluates)."""
+    return {
+        "split": split,
+        "format": params.conflict_format,
+        "source": params.conflict_source,
+        "test_fraction": params.conflict_test_fraction,
+        "seed": params.conflict_seed,
+    }
+
+
+def conflict_tasks(params: PastaParams) -> list[tuple[str, dict[str, Any]]]:
+    """The knowledge-conflict prompt sets a run builds itself (the ``select`` split when its
+    target uses conflicts, ``test`` when its evaluation does): their recipes enter the run key."""
+    splits = [s for s, use in (("select", params.target), ("test", params.evaluate))
+              if use in ("both", "conflict")]  # fmt: skip
+    return [("knowledge_conflict", conflict_task_params(params, s)) for s in splits]
+
+
 def _load() -> Any:
     from workbench.analyses.pasta_profile.compute import pasta_profile
 
@@ -206,5 +226,6 @@ ENTRY = Analysis(
     task_kind="needle",
     tasks=("needle",),
     chooses_heads=True,
+    data_tasks=conflict_tasks,
     reference="Zhang et al. 2024 (PASTA, AutoPASTA)",
 )

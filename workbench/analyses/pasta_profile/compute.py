@@ -55,7 +55,12 @@ import torch
 from torch import Tensor
 
 from workbench.analyses.activation_patching.resume import ResumableRun
-from workbench.analyses.pasta_profile import PastaParams, head_config, parse_heads
+from workbench.analyses.pasta_profile import (
+    PastaParams,
+    conflict_task_params,
+    head_config,
+    parse_heads,
+)
 from workbench.analyses.pasta_profile.evaluate import (
     METRICS,
     Condition,
@@ -227,17 +232,7 @@ def _needle_split(
 def _conflicts(
     model: LoadedModel, params: PastaParams, split: str
 ) -> tuple[list[Batch], dict[str, Any]]:
-    built = build_task(
-        "knowledge_conflict",
-        model.codec,
-        {
-            "split": split,
-            "format": params.conflict_format,
-            "source": params.conflict_source,
-            "test_fraction": params.conflict_test_fraction,
-            "seed": params.conflict_seed,
-        },
-    )
+    built = build_task("knowledge_conflict", model.codec, conflict_task_params(params, split))
     groups = built.groups if isinstance(built, PromptGroups) else (cast("PromptSet", built),)
     facts = {
         "n_prompts": built.n,
