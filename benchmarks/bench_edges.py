@@ -1,51 +1,391 @@
-"""Edge attribution on SmolLM2-135M: graph size, EAP and EAP-IG time and peak memory, top edges.
+"""Edge attribution: EAP against TransformerLens's edge attribution, and EAP / EAP-IG on SmolLM2.
 
-Usage: ``.venv/bin/python benchmarks/bench_edges.py [n_prompts] [steps] [exact_top] [threads]``
-(defaults 16 IOI prompt pairs, EAP-IG with 5 steps, exact patching of the 10 top EAP and EAP-IG
-edges, torch's default thread count). On a machine shared with other jobs, 1 thread can be
-several times faster than 2 (the threads of each parallel op wait for each other).
-Peak memory is the process's maximum resident set size (``ru_maxrss``), read after each step:
-the model's weights are in it.
+Two parts, both in the default run (``--only-tl`` / ``--only-smollm2`` select one):
+
+1. **Against TransformerLens** (``--only-tl``). TL 4.3's edge attribution
+   (``attribution_patch(..., EdgeAttributionConfig(granularity="edge"))``) refuses grouped-query
+   attention, so both sides run on a model of SmolLM2-135M's shapes with multi-head attention:
+   ``LlamaForCausalLM`` built from SmolLM2's own HF config (layers, widths, vocabulary, RoPE
+   theta, RMS eps, tied embeddings, read from the converted-weights folder) with
+   ``num_key_value_heads = num_attention_heads``, random weights (seed ``--seed``), fp32, booted
+   as a ``TransformerBridge`` like the tests' ``mha_llama``. Only SmolLM2's config and tokenizer
+   are read, not its weights, so the IOI prompts are SmolLM2's tokens. ``--tl-layers`` keeps
+   only the first layers (for development; the default is all of them).
+
+   Same process, same thread count, one after the other: ours (``eap_scores``, batched) on the
+   first ``--tl-prompts`` prompts (default: all ``--n-prompts``) and, when that is fewer, also
+   on all of them; then TL on the first ``--tl-prompts``, one ``attribution_patch`` call per
+   prompt (its metric reads a single example's logits, so each prompt needs its own metric).
+   Printed: wall times, per-prompt times, the ratio TL / ours on the same prompts and, when
+   ours also ran on more, TL's per-prompt time over ours per prompt at the full batch. TL's
+   scores are mapped onto our edge names (clean and corrupt swapped, summed over positions,
+   mean over prompts, as ``tests/test_edges.py`` does) and compared edge for edge with ours on
+   the same prompts: the largest absolute difference relative to the largest ``|score|``. The
+   script exits non-zero if the edge sets differ or that figure exceeds 1e-4.
+
+   Peak memory (unless ``--no-memory``): each side runs once more in a fresh subprocess (this
+   script with a hidden flag), which builds the same model and prompts, resets the kernel's
+   resident-set high-water mark (``/proc/self/clear_refs``), runs the edge score computation
+   alone and reports its high-water mark (``VmHWM``) minus its resident set just before
+   (``VmRSS``): the extra resident memory the computation needed on top of the loaded model
+   and the prompts, with no earlier step's peak hiding it. Where ``clear_refs`` cannot be
+   written it falls back to the process's ``ru_maxrss`` and says so.
+
+2. **SmolLM2-135M** (``--only-smollm2``): the real (GQA) model and IOI prompts: graph size,
+   EAP and EAP-IG (``--steps``, default 5) wall times, top edges, and exact patching of the
+   ``--exact-top`` top EAP and EAP-IG edges. Memory per step: the high-water mark reset before
+   it, minus the resident set at its start (same process, so memory freed by an earlier step
+   and kept by the allocator can hide part of a later step's), and the process's
+   ``ru_maxrss`` (weights included).
+
+Usage: ``.venv/bin/python benchmarks/bench_edges.py [--n-prompts 16] [--steps 5]
+[--exact-top 10] [--threads T] [--tl-prompts K] [--tl-layers L] [--seed 0] [--no-memory]
+[--only-tl | --only-smollm2]``. On a machine shared with other jobs, 1 thread can be several
+times faster than 2 (the threads of each parallel op wait for each other).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import gc
+import json
 import resource
+import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2 = "smollm2-135m"
+TOLERANCE = 1e-4
 
 
-def _rss_mib() -> float:
+# ---------------------------------------------------------------- memory
+
+
+def _status_mib(field: str) -> float:
+    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
+class PeakMemory:
+    """Extra resident memory of a block: the high-water mark (reset at entry) minus the
+    resident set at entry. ``exact`` is False when the mark could not be reset; ``extra`` is
+    then measured against the process's ``ru_maxrss``, which may predate the block."""
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
+        self.before = _status_mib("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak = _status_mib("VmHWM") if self.exact else _maxrss_mib()
+        self.extra = self.peak - self.before
+
+    def __str__(self) -> str:
+        how = "" if self.exact else " (high-water mark not resettable: process ru_maxrss)"
+        return f"peak +{self.extra:.0f} MiB over {self.before:.0f} MiB resident{how}"
+
+
+# ---------------------------------------------------------------- the MHA model
+
+
+def _smollm2_folder() -> Path:
+    """SmolLM2's converted-weights folder (config, tokenizer); converted once if missing."""
+    from workbench.models.known import fingerprint, get_entry
+    from workbench.models.loading import converted_dir
+
+    folder = converted_dir(get_entry(SMOLLM2), fingerprint(SMOLLM2))
+    if not (folder / "config.json").exists():
+        from workbench.models.loading import load_model
+
+        load_model(SMOLLM2)  # converts the GGUF and writes the folder
+        gc.collect()
+    return folder
+
+
+def mha_smollm2(seed: int, n_layers: int | None = None) -> Any:
+    """A ``LoadedModel`` of SmolLM2-135M's shapes with as many KV heads as query heads, random
+    weights (``seed``), fp32, SmolLM2's tokenizer; ``n_layers`` keeps only the first layers."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from workbench.models.boot import boot_bridge, quiet
+    from workbench.models.codec import TextCodec, default_prepend_bos
+    from workbench.models.known import get_entry
+    from workbench.models.loading import LoadedModel
+
+    folder = _smollm2_folder()
+    entry = get_entry(SMOLLM2)
+    with quiet():
+        config = AutoConfig.from_pretrained(str(folder))
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    config.num_key_value_heads = config.num_attention_heads
+    if n_layers is not None:
+        config.num_hidden_layers = n_layers
+    config._attn_implementation = "eager"
+    t = time.perf_counter()
+    torch.manual_seed(seed)
+    with quiet():
+        hf: Any = LlamaForCausalLM(config)
+    hf = hf.to(torch.float32).eval()
+    bridge = boot_bridge(hf, tok, entry.hf_name, architectures=entry.architectures)
+    n_ctx = int(getattr(bridge.cfg, "n_ctx", 0) or 0) or 2048
+    name = f"{SMOLLM2}-mha-random"
+    codec = TextCodec(tok, prepend_bos=default_prepend_bos(tok), n_ctx=n_ctx, model_name=name)
+    model = LoadedModel(
+        name, entry, bridge, tok, codec, f"random-seed{seed}", time.perf_counter() - t,
+        extra={"hf_config": config},
+    )  # fmt: skip
+    assert model.n_kv_heads == model.n_heads, (model.n_kv_heads, model.n_heads)
+    return model
+
+
+def _config_line(model: Any) -> str:
+    c = model.extra["hf_config"]
+    rope: dict[str, Any] = getattr(c, "rope_parameters", None) or {"rope_theta": c.rope_theta}
+    return (
+        f"{c.num_hidden_layers} layers, {c.num_attention_heads} heads, "
+        f"{c.num_key_value_heads} KV heads, hidden {c.hidden_size}, intermediate "
+        f"{c.intermediate_size}, vocab {c.vocab_size}, rope theta "
+        f"{rope['rope_theta']}, rms eps {c.rms_norm_eps:.3g}, tied embeddings "
+        f"{c.tie_word_embeddings}"
+    )
+
+
+def _ioi(model: Any, n: int) -> Any:
+    from workbench.tasks import build_task
+
+    return build_task("ioi", model.codec, {"n_prompts": n})
+
+
+def first(ps: Any, k: int) -> Any:
+    """The first ``k`` prompts of a prompt set."""
+    return dataclasses.replace(
+        ps,
+        clean=ps.clean[:k],
+        corrupt=ps.corrupt[:k],
+        correct=ps.correct[:k],
+        incorrect=ps.incorrect[:k],
+        prompts=ps.prompts[:k],
+        corrupt_prompts=ps.corrupt_prompts[:k],
+        meta={"first_of": ps.n},
+    )
+
+
+# ---------------------------------------------------------------- TransformerLens
+
+
+def _tl_name(node: Any) -> str:
+    """Our name of a TL node (its position dropped)."""
+    kind, la, h = node.kind, node.layer, node.head
+    return {
+        "embed": "embed",
+        "attn_head_out": f"L{la}H{h}",
+        "mlp_out": f"L{la}.mlp",
+        "q_input": f"L{la}H{h}.q",
+        "k_input": f"L{la}KV{h}.k",
+        "v_input": f"L{la}KV{h}.v",
+        "mlp_in": f"L{la}.mlp",
+        "logits": "logits",
+    }[kind]
+
+
+def tl_edge_scores(model: Any, ps: Any) -> tuple[dict[str, float], list[float], int]:
+    """TL's edge attribution per prompt with clean and corrupt swapped, summed over positions,
+    mean over prompts, under our edge names; also each prompt's wall time and the number of
+    position-resolved edges TL scored per prompt.
+
+    TL takes its gradient on its "corrupt" run times its ``clean - corrupt``: with the roles
+    swapped that is our clean-run gradient times our ``corrupt - clean``. Its cache needs a
+    graph through the parameters, so they require grad during the calls."""
+    from transformer_lens.tools.analysis.attribution_patching import (
+        EdgeAttributionConfig,
+        attribution_patch,
+    )
+
+    params = list(model.bridge.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    out: dict[str, float] = {}
+    times: list[float] = []
+    n_edges = 0
+    try:
+        for i in range(ps.n):
+            c, w = int(ps.correct[i]), int(ps.incorrect[i])
+
+            def metric(logits: Any, c: int = c, w: int = w) -> Any:
+                return logits[0, -1, c] - logits[0, -1, w]
+
+            t = time.perf_counter()
+            res = attribution_patch(
+                model.bridge,
+                ps.corrupt[i : i + 1],
+                ps.clean[i : i + 1],
+                metric,
+                EdgeAttributionConfig(granularity="edge"),
+            )
+            times.append(time.perf_counter() - t)
+            n_edges = len(res.edge_scores)
+            for (writer, reader), s in res.edge_scores.items():
+                key = f"{_tl_name(writer)}->{_tl_name(reader)}"
+                out[key] = out.get(key, 0.0) + s / ps.n
+            del res
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return out, times, n_edges
+
+
+# ---------------------------------------------------------------- part 1: against TL
+
+
+def _memory_child(args: argparse.Namespace) -> None:
+    """In a fresh process: the edge score computation of one side alone; prints JSON."""
+    import torch
+
+    from workbench.edges import eap_scores
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = mha_smollm2(args.seed, args.tl_layers)
+    ps = _ioi(model, args.n_prompts)
+    if args.memory_child == "tl":
+        ps = first(ps, args.tl_prompts or ps.n)
+    t = time.perf_counter()
+    with PeakMemory() as mem:
+        if args.memory_child == "tl":
+            tl_edge_scores(model, ps)
+        else:
+            eap_scores(model, ps)
+    seconds = time.perf_counter() - t
+    out = {"seconds": seconds, "n": ps.n, "extra_mib": mem.extra, "before_mib": mem.before,
+           "peak_mib": mem.peak, "exact": mem.exact}  # fmt: skip
+    print(json.dumps(out))
+
+
+def _run_child(args: argparse.Namespace, side: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", side,
+           "--n-prompts", str(args.n_prompts), "--tl-prompts", str(args.tl_prompts),
+           "--seed", str(args.seed), "--threads", str(args.threads)]  # fmt: skip
+    if args.tl_layers is not None:
+        cmd += ["--tl-layers", str(args.tl_layers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise SystemExit(f"memory child ({side}) failed, rc {proc.returncode}: " + " | ".join(tail))
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def against_tl(args: argparse.Namespace) -> None:
+    import torch
+
+    from workbench.edges import eap_scores, edge_graph
+
+    print("== EAP vs TransformerLens 4.3 edge attribution (MHA model of SmolLM2's shapes) ==")
+    model = mha_smollm2(args.seed, args.tl_layers)
+    print(f"model: {_config_line(model)}; random weights (seed {args.seed}), fp32, "
+          f"built in {model.load_seconds:.1f} s; threads {torch.get_num_threads()}; "
+          f"resident {_status_mib('VmRSS'):.0f} MiB")  # fmt: skip
+    counts = edge_graph(model).counts()
+    print(f"edges: {counts}")
+    ps = _ioi(model, args.n_prompts)
+    k = min(args.tl_prompts or ps.n, ps.n)
+    sub = first(ps, k)
+    print(f"prompts: {ps}; TL runs on the first {k}")
+
+    eap_scores(model, first(ps, 1))  # warm-up (first-call costs), not timed
+    t = time.perf_counter()
+    ours_k = eap_scores(model, sub)
+    ours_k_s = time.perf_counter() - t
+    print(f"ours (eap_scores) on the {k} prompts: {ours_k_s:.2f} s, {ours_k_s / k:.3f} s/prompt")
+    ours_n_s = ours_k_s
+    if k < ps.n:
+        t = time.perf_counter()
+        eap_scores(model, ps)
+        ours_n_s = time.perf_counter() - t
+        print(f"ours (eap_scores) on all {ps.n} prompts: {ours_n_s:.2f} s, "
+              f"{ours_n_s / ps.n:.3f} s/prompt")  # fmt: skip
+
+    theirs, times, n_tl = tl_edge_scores(model, sub)
+    tl_s = sum(times)
+    print(f"TL attribution_patch on the {k} prompts (one call each): {tl_s:.2f} s, "
+          f"{tl_s / k:.3f} s/prompt (first {times[0]:.2f} s, min {min(times):.2f} s, max "
+          f"{max(times):.2f} s); {n_tl} position-resolved edges per prompt")  # fmt: skip
+    print(f"ratio TL / ours, same {k} prompts: {tl_s / ours_k_s:.1f}x")
+    if k < ps.n:
+        print(f"ratio TL per prompt ({k} prompts) / ours per prompt (batch of {ps.n}): "
+              f"{(tl_s / k) / (ours_n_s / ps.n):.1f}x")  # fmt: skip
+
+    ours = ours_k.as_dict()
+    if set(ours) != set(theirs):
+        only_ours, only_tl = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        raise SystemExit(f"edge sets differ: {len(only_ours)} only ours (e.g. {only_ours[:3]}), "
+                         f"{len(only_tl)} only TL (e.g. {only_tl[:3]})")  # fmt: skip
+    largest = max(abs(v) for v in ours.values())
+    diff = max(abs(theirs[e] - ours[e]) for e in ours)
+    rel = diff / largest
+    print(f"scores, {len(ours)} edges on the same {k} prompts: max |TL - ours| {diff:.3g}, "
+          f"largest |score| {largest:.3g}, relative {rel:.2e} (limit {TOLERANCE:g})")  # fmt: skip
+    if not rel <= TOLERANCE:
+        raise SystemExit(f"EAP and TL edge scores differ: relative {rel:.2e} > {TOLERANCE:g}")
+    del model, theirs, ours, ours_k
+    gc.collect()
+
+    if args.no_memory:
+        return
+    for side, label, n in (("ours", "ours (eap_scores)", ps.n), ("tl", "TL", k)):
+        out = _run_child(args, side)
+        how = "" if out["exact"] else " (process ru_maxrss: high-water mark not resettable)"
+        print(f"peak memory, {label} on {n} prompts (fresh process): +{out['extra_mib']:.0f} MiB "
+              f"over {out['before_mib']:.0f} MiB resident after load, peak "
+              f"{out['peak_mib']:.0f} MiB{how}; {out['seconds']:.2f} s")  # fmt: skip
+
+
+# ---------------------------------------------------------------- part 2: SmolLM2
+
+
+def smollm2(args: argparse.Namespace) -> None:
     import torch
 
     from workbench.edges import eap_ig_scores, eap_scores, edge_graph, exact_edge_patching
     from workbench.runner import ModelPool
-    from workbench.tasks import build_task
 
-    n_prompts = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 5
-    exact_top = int(sys.argv[3]) if len(sys.argv) > 3 else 10
-    if len(sys.argv) > 4:
-        torch.set_num_threads(int(sys.argv[4]))
+    print("== SmolLM2-135M (GQA): EAP, EAP-IG, exact edge patching ==")
     t = time.perf_counter()
-    model = ModelPool().get("smollm2-135m")
+    model = ModelPool().get(SMOLLM2)
     print(f"model: {model} ({time.perf_counter() - t:.1f} s), threads {torch.get_num_threads()}")
-    print(f"peak RSS after load: {_rss_mib():.0f} MiB")
+    print(f"resident after load {_status_mib('VmRSS'):.0f} MiB, ru_maxrss {_maxrss_mib():.0f} MiB")
     graph = edge_graph(model)
     print(f"edges: {graph.counts()}")
-    ps = build_task("ioi", model.codec, {"n_prompts": n_prompts})
+    ps = _ioi(model, args.n_prompts)
     print(f"prompts: {ps}")
 
     t = time.perf_counter()
-    res = eap_scores(model, ps)
-    print(f"EAP: {time.perf_counter() - t:.2f} s, peak RSS {_rss_mib():.0f} MiB, info {res.info}")
+    with PeakMemory() as mem:
+        res = eap_scores(model, ps)
+    print(f"EAP: {time.perf_counter() - t:.2f} s, {mem}, ru_maxrss {_maxrss_mib():.0f} MiB, "
+          f"info {res.info}")  # fmt: skip
     t = time.perf_counter()
-    ig = eap_ig_scores(model, ps, steps=steps)
-    print(f"EAP-IG m={steps}: {time.perf_counter() - t:.2f} s, peak RSS {_rss_mib():.0f} MiB")
+    with PeakMemory() as mem:
+        ig = eap_ig_scores(model, ps, steps=args.steps)
+    print(f"EAP-IG m={args.steps}: {time.perf_counter() - t:.2f} s, {mem}, "
+          f"ru_maxrss {_maxrss_mib():.0f} MiB")  # fmt: skip
 
     print("top 10 edges by |EAP| (EAP, EAP-IG):")
     ig_scores = ig.as_dict()
@@ -55,14 +395,15 @@ def main() -> None:
     for name, value in ig.top(10):
         print(f"  {name:>18}  {value:+.4f}")
 
-    if exact_top:
-        chosen = [n for n, _ in res.top(exact_top)] + [n for n, _ in ig.top(exact_top)]
+    if args.exact_top:
+        chosen = [n for n, _ in res.top(args.exact_top)] + [n for n, _ in ig.top(args.exact_top)]
         chosen = list(dict.fromkeys(chosen))
         t = time.perf_counter()
-        ex = exact_edge_patching(model, ps, chosen)
+        with PeakMemory() as mem:
+            ex = exact_edge_patching(model, ps, chosen)
         took = time.perf_counter() - t
         print(
-            f"exact patching of {len(chosen)} edges: {took:.2f} s, peak RSS {_rss_mib():.0f} MiB, "
+            f"exact patching of {len(chosen)} edges: {took:.2f} s, {mem}, "
             f"{ex.info['forwards']:.2f} forward units, from position "
             f"{ex.info['first_recomputed_position']}"
         )
@@ -71,6 +412,38 @@ def main() -> None:
         print(f"  {'edge':>18}  {'EAP':>8}  {'EAP-IG':>8}  {'exact':>8}")
         for name in chosen:
             print(f"  {name:>18}  {eap_d[name]:+.4f}  {ig_scores[name]:+.4f}  {exact[name]:+.4f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-prompts", type=int, default=16, help="IOI prompt pairs (default 16)")
+    ap.add_argument("--steps", type=int, default=5, help="EAP-IG steps m (default 5)")
+    ap.add_argument("--exact-top", type=int, default=10,
+                    help="exact patching of the top K EAP and EAP-IG edges (0: skip)")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--tl-prompts", type=int, default=0,
+                    help="TL runs on the first K prompts (0: all)")  # fmt: skip
+    ap.add_argument("--tl-layers", type=int, default=None,
+                    help="only the first L layers of the MHA model (default: all)")  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="seed of the MHA model's random weights")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--only-tl", action="store_true", help="only the comparison against TL")
+    only.add_argument("--only-smollm2", action="store_true", help="only the SmolLM2 part")
+    ap.add_argument("--memory-child", choices=("ours", "tl"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        _memory_child(args)
+        return
+    if not args.only_smollm2:
+        against_tl(args)
+    if not args.only_tl:
+        smollm2(args)
 
 
 if __name__ == "__main__":
