@@ -145,6 +145,17 @@ def test_faithfulness_and_summaries_by_hand():
     # auto-circuit: log10 x, metric minus its 0-edge value, segments touching 0 skipped
     area = log_area([0, 1, 10, 100], [1.0, 2.0, 3.0, 3.0], at_zero=1.0)
     assert area == pytest.approx(1 * (1 + 2) / 2 + 1 * (2 + 2) / 2)
+    # a non-monotone curve: first reaching 0.8 is not staying there
+    from workbench.edges.faithfulness import Ordering, summaries
+
+    rows = [dict(ordering="baseline", ablation="corrupted", direction=d, metric=m)
+            for d, m in (("full", 1.0), ("empty", 0.0))]  # fmt: skip
+    for n, f in zip([1, 10, 100, 1000, 10000], [0.0, 0.9, 0.5, 0.85, 1.0], strict=True):
+        rows.append(dict(ordering="eap", ablation="corrupted", direction="ablate_complement",
+                         n_requested=n, n_edges=n, fraction=n / 10000, metric=f,
+                         faithfulness=f))  # fmt: skip
+    (row,) = summaries(rows, [Ordering("eap", ())])
+    assert row["edges_to_08"] == 10 and row["edges_stay_08"] == 1000
 
 
 # ---------------------------------------------------------------- the analysis
@@ -165,7 +176,7 @@ def test_edge_circuits_through_the_runner(load, store):
     assert np.allclose(whole.faithfulness, 1.0)
     removed = curves[(curves.n_edges == len(t["edges"])) & (curves.direction == "ablate_circuit")]
     assert np.allclose(removed.faithfulness, 0.0, atol=1e-6)
-    assert {"cpr", "cmd", "log_area", "vs_random"} <= set(t["summary"].columns)
+    assert {"cpr", "cmd", "log_area", "vs_random", "edges_stay_08"} <= set(t["summary"].columns)
     assert set(t["exact_agreement"].set) == {"top", "random"}
     assert set(res.info["chosen"]) == {"eap", "eap_ig"}
     assert {"eap_out", "eap_ig_out"} <= set(res.metrics)

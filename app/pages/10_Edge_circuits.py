@@ -71,8 +71,9 @@ if len(mine):
 params = res.key.get("params", {})
 st.caption(
     f"run `{run_id}` · {res.key.get('task')} · {info['n_prompts']} prompts · rule "
-    f"{info['rule']} · chosen: the smallest circuit with faithfulness ≥ "
-    f"{params.get('threshold', 0.8)} under the {first} ablation, ablate_complement (requested "
+    f"{info['rule']} · chosen: the smallest circuit from which every larger "
+    f"one has faithfulness ≥ {params.get('threshold', 0.8)} under the {first} ablation, "
+    f"ablate_complement (requested "
     f"{chosen['requested']} edges, {chosen['n_edges']} after pruning) · metric clean "
     f"{info['clean_metric']:.3f}, corrupted {info['corrupt_metric']:.3f}"
 )

@@ -203,11 +203,14 @@ def summaries(rows: list[dict[str, Any]], orderings: Sequence[Ordering]) -> list
         at_zero = base[(ablation, "empty" if direction == "ablate_complement" else "full")]
         area = log_area([r["n_edges"] for r in rs], [r["metric"] for r in rs], at_zero)
         areas[(name, ablation, direction)] = area
-        reach = [r["n_edges"] for r in rs if direction == "ablate_complement"
-                 and np.isfinite(r["faithfulness"]) and r["faithfulness"] >= 0.8]  # fmt: skip
+        good = [direction == "ablate_complement" and bool(np.isfinite(r["faithfulness"]))
+                and r["faithfulness"] >= 0.8 for r in rs]  # fmt: skip
+        reach = [r["n_edges"] for r, g in zip(rs, good, strict=True) if g]
+        stay = [r["n_edges"] for i, r in enumerate(rs) if all(good[i:])]
         out.append(dict(ordering=name, ablation=ablation, direction=direction, cpr=cpr, cmd=cmd,
                         log_area=area, random=name in random_names,
-                        edges_to_08=min(reach) if reach else float("nan")))  # fmt: skip
+                        edges_to_08=min(reach) if reach else float("nan"),
+                        edges_stay_08=min(stay) if stay else float("nan")))  # fmt: skip
     for row in out:
         key = (row["ablation"], row["direction"])
         rand = [areas[(n, *key)] for n in random_names if (n, *key) in areas]

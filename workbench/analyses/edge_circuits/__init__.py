@@ -69,7 +69,8 @@ class EdgeCircuitsParams:
     )
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples of the prompts"})
     threshold: float = field(
-        default=0.8, metadata={"help": "the chosen circuit: smallest with this faithfulness"}
+        default=0.8,
+        metadata={"help": "the chosen circuit: smallest size from which all larger ones reach it"},
     )
     heads_run: str = field(
         default="",

@@ -13,8 +13,8 @@
    ``n_exact`` random edges: Spearman and Pearson of estimate against exact per set; the
    edges where the two disagree most are flagged (largest ``|estimate - exact|``, top 10 per
    method and set).
-5. The chosen circuit per method: the smallest of the curve with ``ablate_complement``
-   faithfulness >= ``threshold`` under the first ablation (else the largest); its
+5. The chosen circuit per method: the smallest of the curve from which every larger one has
+   ``ablate_complement`` faithfulness >= ``threshold`` under the first ablation; its
    node-collapsed heads are overlapped with a stored head circuit when ``heads_run`` is given.
 
 Per-head metrics for the atlas: ``{method}_out`` = the sum of ``|score|`` over the edges a head
@@ -135,10 +135,12 @@ def _chosen(
             continue
         rows = curves[(curves.ordering == name) & (curves.ablation == first)
                       & (curves.direction == "ablate_complement")]  # fmt: skip
+        rows = rows.sort_values("n_requested")
+        good = (rows.faithfulness >= p.threshold).to_numpy()
+        stay = [i for i in range(len(good)) if good[i:].all()]  # curves need not be monotone
         pick = o.circuits[-1]
-        good = rows[rows.faithfulness >= p.threshold].sort_values("n_requested")
-        if len(good):
-            requested = int(good.iloc[0].n_requested)
+        if stay:
+            requested = int(rows.iloc[stay[0]].n_requested)
             pick = next(c for c in o.circuits if c.requested == requested)
         out[name] = pick
     return out
