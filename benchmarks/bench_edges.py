@@ -364,11 +364,11 @@ def smollm2(args: argparse.Namespace) -> None:
     import torch
 
     from workbench.edges import eap_ig_scores, eap_scores, edge_graph, exact_edge_patching
-    from workbench.runner import ModelPool
+    from workbench.models.loading import load_model
 
     print("== SmolLM2-135M (GQA): EAP, EAP-IG, exact edge patching ==")
     t = time.perf_counter()
-    model = ModelPool().get(SMOLLM2)
+    model = load_model(SMOLLM2)
     print(f"model: {model} ({time.perf_counter() - t:.1f} s), threads {torch.get_num_threads()}")
     print(f"resident after load {_status_mib('VmRSS'):.0f} MiB, ru_maxrss {_maxrss_mib():.0f} MiB")
     graph = edge_graph(model)
