@@ -125,3 +125,20 @@ def prompt_picker(key: str) -> str:
     example = st.selectbox("Example prompt", ["(type your own)", *EXAMPLE_PROMPTS], key=f"{key}.ex")
     start = EXAMPLE_PROMPTS[0] if example == "(type your own)" else example
     return str(st.text_area("Prompt", value=start, key=f"{key}.text.{example}"))
+
+
+def stored_run(model_name: str, analysis: str, label: str, key: str, empty: str) -> Any:
+    """Pick a stored run of ``analysis`` for the model (newest first as the catalog lists
+    them) and return its result; without one, ``st.info(empty)`` and the page stops."""
+    listed = caches.runs(model_name)
+    runs = listed[listed["analysis"] == analysis] if not listed.empty else listed
+    if runs.empty:
+        st.info(empty)
+        st.stop()
+    tasks = dict(zip(runs["run_id"], runs["task"], strict=True))
+    run_id = st.selectbox(label, list(tasks), format_func=lambda r: f"{r} · {tasks[r]}", key=key)
+    res = caches.result(run_id)
+    if res is None:
+        st.warning("That run is not in the store any more.")
+        st.stop()
+    return res

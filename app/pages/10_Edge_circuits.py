@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import caches
 import streamlit as st
 import widgets
 
@@ -28,24 +27,12 @@ def num(value: float | None, fmt: str = ".3f") -> str:
 
 model_name = widgets.page("Edge circuits")
 st.caption(ENTRY.description + f" — {ENTRY.reference}")
-listed = caches.runs(model_name)
-runs = listed[listed["analysis"] == ENTRY.name] if not listed.empty else listed
-if runs.empty:
-    st.info(
-        f"No stored {ENTRY.name} run of this model yet. On the Run page run {ENTRY.name} "
-        "(task ioi), or `workbench run analyses/edge_circuits.toml`."
-    )
-    st.stop()
-run_id = st.selectbox(
-    "Run",
-    list(runs["run_id"]),
-    format_func=lambda r: f"{r} · {runs.loc[runs['run_id'] == r, 'task'].iloc[0]}",
-    key="ec.run",
-)
-res = caches.result(run_id)
-if res is None:
-    st.warning("That run is not in the store any more.")
-    st.stop()
+res = widgets.stored_run(
+    model_name, ENTRY.name, "Run", "ec.run",
+    f"No stored {ENTRY.name} run of this model yet. On the Run page run {ENTRY.name} "
+    "(task ioi), or `workbench run analyses/edge_circuits.toml`.",
+)  # fmt: skip
+run_id = res.run_id
 info, tables = res.info, res.tables
 method = st.selectbox("Method", list(info["chosen"]), key="ec.method")
 chosen = info["chosen"][method]

@@ -13,25 +13,13 @@ from workbench.analyses.kv_plan_eval.figures import controls_figure, curve_figur
 from workbench.circuits.kvplans import kv_scores
 
 model_name = widgets.page("KV-cache plans")
-listed = caches.runs(model_name)
-evals = listed[listed["analysis"] == ENTRY.name]
-if evals.empty:
-    st.info(
-        "No stored KV-plan evaluation of this model yet. On the Run page run kv_head_scores, "
-        "then kv_plan_eval with its run id as scores_run (or `workbench run "
-        "analyses/kv_plans_smollm2.toml`)."
-    )
-    st.stop()
-run_id = st.selectbox(
-    "Evaluation",
-    list(evals["run_id"]),
-    format_func=lambda r: f"{r} · {evals.loc[evals['run_id'] == r, 'task'].iloc[0]}",
-    key="kv.run",
-)
-res = caches.result(run_id)
-if res is None:
-    st.warning("That run is not in the store any more.")
-    st.stop()
+res = widgets.stored_run(
+    model_name, ENTRY.name, "Evaluation", "kv.run",
+    "No stored KV-plan evaluation of this model yet. On the Run page run kv_head_scores, "
+    "then kv_plan_eval with its run id as scores_run (or `workbench run "
+    "analyses/kv_plans_smollm2.toml`).",
+)  # fmt: skip
+run_id = res.run_id
 info = res.info
 plan = info["plan"]
 c1, c2, c3, c4 = st.columns(4)

@@ -4,7 +4,6 @@ the circuit graph, the faithfulness panel and the exact-check scatter, for eithe
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,9 @@ pytest.importorskip("streamlit")
 pytest.importorskip("plotly")
 from streamlit.testing.v1 import AppTest
 
+from tests.app.conftest import MODEL, open_page
 from workbench.analyses.edge_circuits import ENTRY
 
-APP = Path(__file__).resolve().parents[2] / "app"
-MODEL = "tiny-llama"
 PARAMS = {"n_exact": 10, "n_boot": 50, "n_random": 2, "fractions": "0.05,0.2,0.5,1"}
 
 
@@ -33,20 +31,8 @@ def result(tmp_path_factory):
     return _compute(tmp_path_factory.mktemp("edges") / "store")
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
-    monkeypatch.setenv("WORKBENCH_APP_MODEL", MODEL)
-    monkeypatch.syspath_prepend(str(APP))
-    yield tmp_path
-    for name in ("caches", "widgets", "views"):
-        sys.modules.pop(name, None)
-
-
 def _page() -> AppTest:
-    at = AppTest.from_file(str(APP / "Home.py"), default_timeout=120)
-    at.switch_page("pages/10_Edge_circuits.py")
-    return at.run()
+    return open_page("10_Edge_circuits")
 
 
 # ---- the figures ---------------------------------------------------------------------------

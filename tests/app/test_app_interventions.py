@@ -4,32 +4,16 @@ stored conflict_heads run; a bad head is a one-line error."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest
 
-APP = Path(__file__).resolve().parents[2] / "app"
-MODEL = "tiny-llama"
-
-
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
-    monkeypatch.setenv("WORKBENCH_APP_MODEL", MODEL)
-    monkeypatch.syspath_prepend(str(APP))
-    yield tmp_path
-    for name in ("caches", "widgets", "views"):
-        sys.modules.pop(name, None)
+from tests.app.conftest import MODEL, open_page
 
 
 def _page() -> AppTest:
-    at = AppTest.from_file(str(APP / "Home.py"), default_timeout=240)
-    at.switch_page("pages/9_Interventions.py")
-    return at.run()
+    return open_page("9_Interventions", timeout=240)
 
 
 def test_typed_heads_run_and_show_the_comparison(home):

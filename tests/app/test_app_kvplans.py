@@ -3,32 +3,16 @@ its grid, budget, controls and curve; without one the page says what to run."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest
 
-APP = Path(__file__).resolve().parents[2] / "app"
-MODEL = "tiny-llama"
-
-
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
-    monkeypatch.setenv("WORKBENCH_APP_MODEL", MODEL)
-    monkeypatch.syspath_prepend(str(APP))
-    yield tmp_path
-    for name in ("caches", "widgets", "views"):
-        sys.modules.pop(name, None)
+from tests.app.conftest import MODEL, open_page
 
 
 def _page() -> AppTest:
-    at = AppTest.from_file(str(APP / "Home.py"), default_timeout=120)
-    at.switch_page("pages/8_KV_plans.py")
-    return at.run()
+    return open_page("8_KV_plans")
 
 
 def test_without_an_evaluation_the_page_says_what_to_run(home):
