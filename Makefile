@@ -91,6 +91,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_jobs.py
 	$(BIN)/python benchmarks/bench_kvplans.py
 	$(BIN)/python benchmarks/bench_act.py
+	$(BIN)/python benchmarks/bench_edges.py
 
 # The web app on the default offline model (WORKBENCH_APP_MODEL picks another), its analyses run
 # as jobs on APP_WORKERS worker processes (0: inside the page); local only
