@@ -12,36 +12,39 @@ Two parts, both in the default run (``--only-tl`` / ``--only-smollm2`` select on
    are read, not its weights, so the IOI prompts are SmolLM2's tokens. ``--tl-layers`` keeps
    only the first layers (for development; the default is all of them).
 
-   Same process, same thread count, one after the other: ours (``eap_scores``, batched) on the
-   first ``--tl-prompts`` prompts (default: all ``--n-prompts``) and, when that is fewer, also
-   on all of them; then TL on the first ``--tl-prompts``, one ``attribution_patch`` call per
-   prompt (its metric reads a single example's logits, so each prompt needs its own metric).
-   Printed: wall times, per-prompt times, the ratio TL / ours on the same prompts and, when
-   ours also ran on more, TL's per-prompt time over ours per prompt at the full batch. TL's
-   scores are mapped onto our edge names (clean and corrupt swapped, summed over positions,
-   mean over prompts, as ``tests/test_edges.py`` does) and compared edge for edge with ours on
-   the same prompts: the largest absolute difference relative to the largest ``|score|``. The
-   script exits non-zero if the edge sets differ or that figure exceeds 1e-4.
-
-   Peak memory (unless ``--no-memory``): each side runs once more in a fresh subprocess (this
-   script with a hidden flag), which builds the same model and prompts, resets the kernel's
-   resident-set high-water mark (``/proc/self/clear_refs``), runs the edge score computation
-   alone and reports its high-water mark (``VmHWM``) minus its resident set just before
-   (``VmRSS``): the extra resident memory the computation needed on top of the loaded model
-   and the prompts, with no earlier step's peak hiding it. Where ``clear_refs`` cannot be
-   written it falls back to the process's ``ru_maxrss`` and says so.
+   Same process, same thread count, one after the other: ours (``eap_scores``, batches of
+   ``--batch-size`` prompts, after an untimed one-prompt warm-up) on the first ``--tl-prompts``
+   prompts (default: all ``--n-prompts``) and, when that is fewer, also on all of them; then
+   TL on the first ``--tl-prompts``, one ``attribution_patch`` call per prompt (its metric reads
+   a single example's logits, so each prompt needs its own metric; TL itself loops over
+   prompts one at a time anyway). Printed: wall times, per-prompt times, the ratio TL / ours
+   on the same prompts and, when ours also ran on more, TL's per-prompt time over ours per
+   prompt on all of them. TL's scores are mapped onto our edge names (clean and corrupt
+   swapped, summed over positions, mean over prompts, as ``tests/test_edges.py`` does) and
+   compared edge for edge with ours on the same prompts: the largest absolute difference
+   relative to the largest ``|score|``. The script exits non-zero if the edge sets differ or
+   that figure exceeds 1e-4.
 
 2. **SmolLM2-135M** (``--only-smollm2``): the real (GQA) model and IOI prompts: graph size,
-   EAP and EAP-IG (``--steps``, default 5) wall times, top edges, and exact patching of the
-   ``--exact-top`` top EAP and EAP-IG edges. Memory per step: the high-water mark reset before
-   it, minus the resident set at its start (same process, so memory freed by an earlier step
-   and kept by the allocator can hide part of a later step's), and the process's
-   ``ru_maxrss`` (weights included).
+   EAP and EAP-IG (``--steps``, default 5) wall times (after an untimed one-prompt warm-up),
+   top edges, and exact patching of the ``--exact-top`` top EAP and EAP-IG edges.
+
+Peak memory (unless ``--no-memory``) of each edge score computation (ours at ``--batch-size``
+and at batch 1, TL, SmolLM2's EAP and EAP-IG): it runs once more in a fresh subprocess (this
+script with a hidden flag) that loads or builds the same model and prompts, resets the
+kernel's resident-set high-water mark (``/proc/self/clear_refs``), runs that computation alone
+and reports its high-water mark (``VmHWM``) minus its resident set just before (``VmRSS``):
+the extra resident memory the computation needed on top of the loaded model and prompts, with
+no earlier step's peak or allocator leftovers hiding it. Where ``clear_refs`` cannot be written
+it falls back to the process's ``ru_maxrss`` (which includes the load) and says so. The
+children's times are printed too but include first-call costs.
 
 Usage: ``.venv/bin/python benchmarks/bench_edges.py [--n-prompts 16] [--steps 5]
-[--exact-top 10] [--threads T] [--tl-prompts K] [--tl-layers L] [--seed 0] [--no-memory]
-[--only-tl | --only-smollm2]``. On a machine shared with other jobs, 1 thread can be several
-times faster than 2 (the threads of each parallel op wait for each other).
+[--exact-top 10] [--threads T] [--batch-size 16] [--tl-prompts K] [--tl-layers L] [--seed 0]
+[--no-memory] [--only-tl | --only-smollm2]``. On a machine shared with other jobs, 1 thread
+can be several times faster than 2 (the threads of each parallel op wait for each other).
+TL at full size is slow (it scores every position's edges separately, in Python), and the
+memory children run it a second time.
 """
 
 from __future__ import annotations
@@ -95,10 +98,6 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self.peak = _status_mib("VmHWM") if self.exact else _maxrss_mib()
         self.extra = self.peak - self.before
-
-    def __str__(self) -> str:
-        how = "" if self.exact else " (high-water mark not resettable: process ru_maxrss)"
-        return f"peak +{self.extra:.0f} MiB over {self.before:.0f} MiB resident{how}"
 
 
 # ---------------------------------------------------------------- the MHA model
@@ -254,42 +253,56 @@ def tl_edge_scores(model: Any, ps: Any) -> tuple[dict[str, float], list[float], 
 # ---------------------------------------------------------------- part 1: against TL
 
 
+CHILDREN = ("ours", "tl", "eap", "eap-ig")
+"""Memory children: ours / TL on the MHA model, EAP / EAP-IG on SmolLM2."""
+
+
 def _memory_child(args: argparse.Namespace) -> None:
-    """In a fresh process: the edge score computation of one side alone; prints JSON."""
-    import torch
+    """In a fresh process: one edge score computation alone; prints JSON."""
+    from workbench.edges import eap_ig_scores, eap_scores
 
-    from workbench.edges import eap_scores
+    side = args.memory_child
+    if side in ("eap", "eap-ig"):
+        from workbench.models.loading import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = mha_smollm2(args.seed, args.tl_layers)
+        model = load_model(SMOLLM2)
+    else:
+        model = mha_smollm2(args.seed, args.tl_layers)
     ps = _ioi(model, args.n_prompts)
-    if args.memory_child == "tl":
+    if side == "tl":
         ps = first(ps, args.tl_prompts or ps.n)
     t = time.perf_counter()
     with PeakMemory() as mem:
-        if args.memory_child == "tl":
+        if side == "tl":
             tl_edge_scores(model, ps)
+        elif side == "eap-ig":
+            eap_ig_scores(model, ps, steps=args.steps, batch_size=args.batch_size)
         else:
-            eap_scores(model, ps)
+            eap_scores(model, ps, batch_size=args.batch_size)
     seconds = time.perf_counter() - t
     out = {"seconds": seconds, "n": ps.n, "extra_mib": mem.extra, "before_mib": mem.before,
            "peak_mib": mem.peak, "exact": mem.exact}  # fmt: skip
     print(json.dumps(out))
 
 
-def _run_child(args: argparse.Namespace, side: str) -> dict[str, Any]:
+def memory(args: argparse.Namespace, side: str, label: str, batch_size: int | None = None) -> None:
+    """Run one memory child and print its line."""
+    batch = args.batch_size if batch_size is None else batch_size
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", side,
            "--n-prompts", str(args.n_prompts), "--tl-prompts", str(args.tl_prompts),
-           "--seed", str(args.seed), "--threads", str(args.threads)]  # fmt: skip
+           "--seed", str(args.seed), "--threads", str(args.threads),
+           "--steps", str(args.steps), "--batch-size", str(batch)]  # fmt: skip
     if args.tl_layers is not None:
         cmd += ["--tl-layers", str(args.tl_layers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise SystemExit(f"memory child ({side}) failed, rc {proc.returncode}: " + " | ".join(tail))
-    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    how = "" if out["exact"] else " (process ru_maxrss: high-water mark not resettable)"
+    print(f"peak memory, {label} on {out['n']} prompts (fresh process): +{out['extra_mib']:.0f} "
+          f"MiB over {out['before_mib']:.0f} MiB resident after load, peak "
+          f"{out['peak_mib']:.0f} MiB{how}; {out['seconds']:.2f} s")  # fmt: skip
 
 
 def against_tl(args: argparse.Namespace) -> None:
@@ -310,16 +323,18 @@ def against_tl(args: argparse.Namespace) -> None:
     print(f"prompts: {ps}; TL runs on the first {k}")
 
     eap_scores(model, first(ps, 1))  # warm-up (first-call costs), not timed
+    bs = min(args.batch_size, ps.n)
     t = time.perf_counter()
-    ours_k = eap_scores(model, sub)
+    ours_k = eap_scores(model, sub, batch_size=bs)
     ours_k_s = time.perf_counter() - t
-    print(f"ours (eap_scores) on the {k} prompts: {ours_k_s:.2f} s, {ours_k_s / k:.3f} s/prompt")
+    print(f"ours (eap_scores, batch {min(bs, k)}) on the {k} prompts: {ours_k_s:.2f} s, "
+          f"{ours_k_s / k:.3f} s/prompt")  # fmt: skip
     ours_n_s = ours_k_s
     if k < ps.n:
         t = time.perf_counter()
-        eap_scores(model, ps)
+        eap_scores(model, ps, batch_size=bs)
         ours_n_s = time.perf_counter() - t
-        print(f"ours (eap_scores) on all {ps.n} prompts: {ours_n_s:.2f} s, "
+        print(f"ours (eap_scores, batch {bs}) on all {ps.n} prompts: {ours_n_s:.2f} s, "
               f"{ours_n_s / ps.n:.3f} s/prompt")  # fmt: skip
 
     theirs, times, n_tl = tl_edge_scores(model, sub)
@@ -349,12 +364,10 @@ def against_tl(args: argparse.Namespace) -> None:
 
     if args.no_memory:
         return
-    for side, label, n in (("ours", "ours (eap_scores)", ps.n), ("tl", "TL", k)):
-        out = _run_child(args, side)
-        how = "" if out["exact"] else " (process ru_maxrss: high-water mark not resettable)"
-        print(f"peak memory, {label} on {n} prompts (fresh process): +{out['extra_mib']:.0f} MiB "
-              f"over {out['before_mib']:.0f} MiB resident after load, peak "
-              f"{out['peak_mib']:.0f} MiB{how}; {out['seconds']:.2f} s")  # fmt: skip
+    memory(args, "ours", f"ours (eap_scores, batch {bs})")
+    if bs != 1:
+        memory(args, "ours", "ours (eap_scores, batch 1)", batch_size=1)
+    memory(args, "tl", "TL (one prompt at a time)")
 
 
 # ---------------------------------------------------------------- part 2: SmolLM2
@@ -370,22 +383,22 @@ def smollm2(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     model = load_model(SMOLLM2)
     print(f"model: {model} ({time.perf_counter() - t:.1f} s), threads {torch.get_num_threads()}")
-    print(f"resident after load {_status_mib('VmRSS'):.0f} MiB, ru_maxrss {_maxrss_mib():.0f} MiB")
     graph = edge_graph(model)
     print(f"edges: {graph.counts()}")
     ps = _ioi(model, args.n_prompts)
     print(f"prompts: {ps}")
 
+    bs = min(args.batch_size, ps.n)
+    eap_scores(model, first(ps, 1), batch_size=bs)  # warm-up (first-call costs), not timed
     t = time.perf_counter()
-    with PeakMemory() as mem:
-        res = eap_scores(model, ps)
-    print(f"EAP: {time.perf_counter() - t:.2f} s, {mem}, ru_maxrss {_maxrss_mib():.0f} MiB, "
-          f"info {res.info}")  # fmt: skip
+    res = eap_scores(model, ps, batch_size=bs)
+    print(f"EAP (batch {bs}): {time.perf_counter() - t:.2f} s, info {res.info}")
     t = time.perf_counter()
-    with PeakMemory() as mem:
-        ig = eap_ig_scores(model, ps, steps=args.steps)
-    print(f"EAP-IG m={args.steps}: {time.perf_counter() - t:.2f} s, {mem}, "
-          f"ru_maxrss {_maxrss_mib():.0f} MiB")  # fmt: skip
+    ig = eap_ig_scores(model, ps, steps=args.steps, batch_size=bs)
+    print(f"EAP-IG m={args.steps} (batch {bs}): {time.perf_counter() - t:.2f} s")
+    if not args.no_memory:
+        memory(args, "eap", f"EAP (batch {bs})")
+        memory(args, "eap-ig", f"EAP-IG m={args.steps} (batch {bs})")
 
     print("top 10 edges by |EAP| (EAP, EAP-IG):")
     ig_scores = ig.as_dict()
@@ -399,11 +412,10 @@ def smollm2(args: argparse.Namespace) -> None:
         chosen = [n for n, _ in res.top(args.exact_top)] + [n for n, _ in ig.top(args.exact_top)]
         chosen = list(dict.fromkeys(chosen))
         t = time.perf_counter()
-        with PeakMemory() as mem:
-            ex = exact_edge_patching(model, ps, chosen)
+        ex = exact_edge_patching(model, ps, chosen)
         took = time.perf_counter() - t
         print(
-            f"exact patching of {len(chosen)} edges: {took:.2f} s, {mem}, "
+            f"exact patching of {len(chosen)} edges: {took:.2f} s, "
             f"{ex.info['forwards']:.2f} forward units, from position "
             f"{ex.info['first_recomputed_position']}"
         )
@@ -425,12 +437,14 @@ def main() -> None:
                     help="TL runs on the first K prompts (0: all)")  # fmt: skip
     ap.add_argument("--tl-layers", type=int, default=None,
                     help="only the first L layers of the MHA model (default: all)")  # fmt: skip
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="our prompts per forward/backward (default 16)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="seed of the MHA model's random weights")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     only = ap.add_mutually_exclusive_group()
     only.add_argument("--only-tl", action="store_true", help="only the comparison against TL")
     only.add_argument("--only-smollm2", action="store_true", help="only the SmolLM2 part")
-    ap.add_argument("--memory-child", choices=("ours", "tl"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", choices=CHILDREN, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     import torch
