@@ -266,3 +266,15 @@ def test_chosen_heads_overlap_a_stored_head_run(load, store):
     for _, row in ov.iterrows():
         n = len(res.info["chosen"][row.method]["heads"])
         assert row.size_a == row.size_b == n and 0 <= row.jaccard <= 1
+
+
+def test_the_package_exports_work_after_the_circuit_module_is_imported():
+    """``workbench.edges.circuit`` is a module; the function is ``edge_circuit``."""
+    import workbench.edges.circuit  # noqa: F401
+    from workbench.edges import EdgeCircuit, EdgeScores, edge_circuit
+
+    g = build_graph(2, 4, 2)
+    scores = EdgeScores(g, np.arange(len(g)), np.random.default_rng(0).normal(size=(2, len(g))),
+                        "eap", "logit_diff")  # fmt: skip
+    c = edge_circuit(scores, 10, rule="greedy")
+    assert isinstance(c, EdgeCircuit) and c.method == "eap" and len(c) <= 10

@@ -31,7 +31,7 @@ from workbench.edges.stored import export_run, run_circuit, run_scores
 
 if TYPE_CHECKING:
     from workbench.edges.ablate import EdgeAblator
-    from workbench.edges.circuit import EdgeCircuit, circuit
+    from workbench.edges.circuit import EdgeCircuit, edge_circuit
     from workbench.edges.common import EdgeScores
     from workbench.edges.eap import eap_ig_scores, eap_scores, edge_attribution
     from workbench.edges.exact import exact_edge_patching
@@ -45,10 +45,10 @@ __all__ = [
     "Receiver",
     "Sender",
     "build_graph",
-    "circuit",
     "eap_ig_scores",
     "eap_scores",
     "edge_attribution",
+    "edge_circuit",
     "edge_graph",
     "edge_list",
     "exact_edge_patching",
@@ -66,7 +66,7 @@ __all__ = [
 _LAZY = {
     "EdgeAblator": "workbench.edges.ablate",
     "EdgeCircuit": "workbench.edges.circuit",
-    "circuit": "workbench.edges.circuit",
+    "edge_circuit": "workbench.edges.circuit",
     "EdgeScores": "workbench.edges.common",
     "eap_scores": "workbench.edges.eap",
     "eap_ig_scores": "workbench.edges.eap",

@@ -201,7 +201,7 @@ def full_scores(scores: EdgeScores) -> np.ndarray:
     return out
 
 
-def circuit(
+def edge_circuit(
     scores: EdgeScores, n: int, *, rule: str = "top_n", absolute: bool = True
 ) -> EdgeCircuit:
     """The pruned circuit of ``n`` requested edges of ``scores`` by ``rule``."""
