@@ -60,6 +60,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from workbench.edges.peer import tl_edge_scores
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "smollm2-135m"
 TOLERANCE = 1e-4
@@ -184,70 +186,6 @@ def first(ps: Any, k: int) -> Any:
         corrupt_prompts=ps.corrupt_prompts[:k],
         meta={"first_of": ps.n},
     )
-
-
-# ---------------------------------------------------------------- TransformerLens
-
-
-def _tl_name(node: Any) -> str:
-    """Our name of a TL node (its position dropped)."""
-    kind, la, h = node.kind, node.layer, node.head
-    return {
-        "embed": "embed",
-        "attn_head_out": f"L{la}H{h}",
-        "mlp_out": f"L{la}.mlp",
-        "q_input": f"L{la}H{h}.q",
-        "k_input": f"L{la}KV{h}.k",
-        "v_input": f"L{la}KV{h}.v",
-        "mlp_in": f"L{la}.mlp",
-        "logits": "logits",
-    }[kind]
-
-
-def tl_edge_scores(model: Any, ps: Any) -> tuple[dict[str, float], list[float], int]:
-    """TL's edge attribution per prompt with clean and corrupt swapped, summed over positions,
-    mean over prompts, under our edge names; also each prompt's wall time and the number of
-    position-resolved edges TL scored per prompt.
-
-    TL takes its gradient on its "corrupt" run times its ``clean - corrupt``: with the roles
-    swapped that is our clean-run gradient times our ``corrupt - clean``. Its cache needs a
-    graph through the parameters, so they require grad during the calls."""
-    from transformer_lens.tools.analysis.attribution_patching import (
-        EdgeAttributionConfig,
-        attribution_patch,
-    )
-
-    params = list(model.bridge.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    out: dict[str, float] = {}
-    times: list[float] = []
-    n_edges = 0
-    try:
-        for i in range(ps.n):
-            c, w = int(ps.correct[i]), int(ps.incorrect[i])
-
-            def metric(logits: Any, c: int = c, w: int = w) -> Any:
-                return logits[0, -1, c] - logits[0, -1, w]
-
-            t = time.perf_counter()
-            res = attribution_patch(
-                model.bridge,
-                ps.corrupt[i : i + 1],
-                ps.clean[i : i + 1],
-                metric,
-                EdgeAttributionConfig(granularity="edge"),
-            )
-            times.append(time.perf_counter() - t)
-            n_edges = len(res.edge_scores)
-            for (writer, reader), s in res.edge_scores.items():
-                key = f"{_tl_name(writer)}->{_tl_name(reader)}"
-                out[key] = out.get(key, 0.0) + s / ps.n
-            del res
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-    return out, times, n_edges
 
 
 # ---------------------------------------------------------------- part 1: against TL

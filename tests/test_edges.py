@@ -20,6 +20,7 @@ from workbench.edges import (
     exact_edge_patching,
 )
 from workbench.edges.common import split_inputs, stack_senders
+from workbench.edges.peer import tl_edge_scores
 from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name, hooked, record
 from workbench.metrics import logit_diff
@@ -96,61 +97,12 @@ def test_gqa_graph_has_kv_receivers(load):
 # ---------------------------------------------------------------- EAP vs TransformerLens
 
 
-def _tl_edge_scores(model, ps: PromptSet) -> dict[str, float]:
-    """TL 4.3's edge attribution with clean and corrupt swapped (its gradient on its
-    'corrupt' run = our clean run, times its 'clean - corrupt' = our corrupt - clean), summed
-    over positions, mean over prompts, under our edge names."""
-    from transformer_lens.tools.analysis.attribution_patching import (
-        EdgeAttributionConfig,
-        attribution_patch,
-    )
-
-    def name(node) -> str:
-        kind, la, h = node.kind, node.layer, node.head
-        return {
-            "embed": "embed",
-            "attn_head_out": f"L{la}H{h}",
-            "mlp_out": f"L{la}.mlp",
-            "q_input": f"L{la}H{h}.q",
-            "k_input": f"L{la}KV{h}.k",
-            "v_input": f"L{la}KV{h}.v",
-            "mlp_in": f"L{la}.mlp",
-            "logits": "logits",
-        }[kind]
-
-    params = list(model.bridge.parameters())
-    for p in params:  # TL's caching needs a graph through the parameters
-        p.requires_grad_(True)
-    out: dict[str, float] = {}
-    try:
-        for i in range(ps.n):
-            c, w = int(ps.correct[i]), int(ps.incorrect[i])
-
-            def metric(logits, c=c, w=w):
-                return logits[0, -1, c] - logits[0, -1, w]
-
-            res = attribution_patch(
-                model.bridge,
-                ps.corrupt[i : i + 1],
-                ps.clean[i : i + 1],
-                metric,
-                EdgeAttributionConfig(granularity="edge"),
-            )
-            for (writer, reader), s in res.edge_scores.items():
-                key = f"{name(writer)}->{name(reader)}"
-                out[key] = out.get(key, 0.0) + s / ps.n
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-    return out
-
-
 @pytest.mark.parametrize("which", ["tiny-gpt2", "mha", "toy-induction"])
 def test_eap_equals_transformer_lens(load, mha_llama, which):
     model = mha_llama if which == "mha" else load(which)
     ps = _induction(model, 4) if which == "toy-induction" else _ioi(model, 4)
     ours = eap_scores(model, ps).as_dict()
-    theirs = _tl_edge_scores(model, ps)
+    theirs, _, _ = tl_edge_scores(model, ps)
     assert set(theirs) == set(ours)
     largest = max(abs(v) for v in ours.values())
     diff = max(abs(theirs[k] - ours[k]) for k in ours)
