@@ -27,7 +27,7 @@ Per run and prompt the outputs are the metric ``M`` (``logit_diff`` etc.) and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -257,15 +257,3 @@ def _count(graph: EdgeGraph, kind: str) -> int:
     if kind in ("k", "v"):
         return graph.n_kv_heads
     return 1
-
-
-def ablation_runs(
-    model: LoadedModel,
-    prompts: PromptSet,
-    masks: Sequence[np.ndarray] | np.ndarray,
-    ablation: str = "corrupted",
-    *,
-    metric: str = "logit_diff",
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(M, KL)`` ``[n_masks, n_prompts]`` with each mask's edges ablated (module docstring)."""
-    return EdgeAblator(model, prompts, metric=metric).run(np.asarray(masks), ablation)
