@@ -171,13 +171,12 @@ class Analysis:
     variant_params: tuple[str, ...] = ()  # params that change what its scores mean (atlas)
     tasks: tuple[str, ...] = ()  # tasks the app's Run page offers it (empty: prompt pairs)
     head_page: str = ""  # title of its section on the app's Head page, if any
+    # params -> one of HEAD_AXES: what its per-head tables index (default: query heads)
     head_axis: Callable[[Mapping[str, Any]], str] | None = None
-    """``params -> one of HEAD_AXES``: what its per-head tables index (default: query heads)."""
+    # (store, result): run by the runner after a fresh result of it is stored
     after_store: Callable[[Any, Any], Any] | None = None
-    """``(store, result)``: run by the runner after a fresh result of it is stored."""
+    # (params, store) -> keyword arguments it reads from the store the runner holds (torch-free)
     inputs: Callable[[Any, Any], dict[str, Any]] | None = None
-    """``(params, store) -> keyword arguments``: what it reads from the results store, resolved
-    by the runner from the store it holds and passed to the function (torch-free)."""
     agreement: Agreement | None = None  # its pairing with an analysis scoring the same thing
     chooses_heads: bool = False  # its runs list chosen heads in info["chosen"] (interventions)
     # params -> [(task, task_params)] it builds itself: their recipes enter the run key
