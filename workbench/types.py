@@ -152,18 +152,16 @@ class Agreement:
 @dataclass(frozen=True)
 class Analysis:
     """One registry entry: what an analysis is and everything generic code asks of it.
-
     ``loader()`` imports and returns the pure function ``(model, prompts, params, **inputs) ->
-    AnalysisOutput`` (imported on first call, so listing analyses or answering from the store
-    never imports torch)."""
+    AnalysisOutput`` on first call, so listing analyses or serving the store needs no torch."""
 
     name: str
     description: str
     params_cls: type
     loader: Callable[[], Callable[..., Any]]
     default_task: str
-    task_kind: str = "prompts"  # "prompts" (PromptSet), "needle" (NeedleSet) or "any"
-    # "groups": a PromptSet or a whole PromptGroups (otherwise the runner runs each group)
+    # "prompts" (PromptSet), "needle" (NeedleSet), "any", or "groups": a PromptSet or a whole
+    task_kind: str = "prompts"  # PromptGroups (otherwise the runner runs each group apart)
     version: str = "1"
     reference: str = ""
     checks: tuple[str, ...] = ()  # self-checks its fast paths need (models.selfcheck.CHECKS)
