@@ -160,8 +160,8 @@ class Analysis:
     params_cls: type
     loader: Callable[[], Callable[..., Any]]
     default_task: str
-    # "prompts" (PromptSet), "needle" (NeedleSet), "any", or "groups": a PromptSet or a whole
-    task_kind: str = "prompts"  # PromptGroups (otherwise the runner runs each group apart)
+    # "prompts" (PromptSet), "needle" (NeedleSet), "any"; "groups": PromptGroups passed whole
+    task_kind: str = "prompts"  # (for the others the runner runs each group and merges them)
     version: str = "1"
     reference: str = ""
     checks: tuple[str, ...] = ()  # self-checks its fast paths need (models.selfcheck.CHECKS)
