@@ -132,17 +132,12 @@ d2.download_button(
     mime=export.MIME["csv"],
     key="ec.dl.circuit",
 )
-d3.download_button(
-    f"{method} as EAP-IG graph JSON",
-    data=lambda: json.dumps(export_run(res, method, "eap-ig")),
-    file_name=f"{run_id}-{method}-eap-ig.json",
-    mime="application/json",
-    key="ec.dl.eapig",
-)
-d4.download_button(
-    f"{method} as auto-circuit scores (JSON)",
-    data=lambda: json.dumps(export_run(res, method, "auto-circuit")),
-    file_name=f"{run_id}-{method}-auto-circuit.json",
-    mime="application/json",
-    key="ec.dl.autocircuit",
-)
+for col, fmt, what in ((d3, "eap-ig", "EAP-IG graph JSON"),
+                      (d4, "auto-circuit", "auto-circuit scores (JSON)")):  # fmt: skip
+    col.download_button(
+        f"{method} as {what}",
+        data=lambda fmt=fmt: json.dumps(export_run(res, method, fmt)),
+        file_name=f"{run_id}-{method}-{fmt}.json",
+        mime="application/json",
+        key=f"ec.dl.{fmt}",
+    )
