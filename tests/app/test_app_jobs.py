@@ -4,26 +4,20 @@ its result, also after a reload; the Jobs page lists it; an empty store gets the
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest
 
-APP = Path(__file__).resolve().parents[2] / "app"
-MODEL = "tiny-llama"
+from tests.app.conftest import APP, MODEL
 
 
 @pytest.fixture()
-def app_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
-    monkeypatch.setenv("WORKBENCH_APP_MODEL", MODEL)
+def app_home(home, monkeypatch):
     monkeypatch.setenv("WORKBENCH_APP_WORKERS", "1")
-    monkeypatch.syspath_prepend(str(APP))
-    yield tmp_path
+    yield home
     import caches
 
     for proc in caches._pool(caches.store_root(), 1):  # stop the worker this test started
@@ -32,8 +26,6 @@ def app_home(tmp_path, monkeypatch):
     caches._pool.clear()
     caches._job_queue.clear()
     caches._starter_parts.clear()
-    for name in ("caches", "widgets", "views"):
-        sys.modules.pop(name, None)
 
 
 def _page(name: str | None = None, **query: str) -> AppTest:
