@@ -11,7 +11,9 @@
 2. **Mask mode's price**: one forward per sample under the plan against unmodified forwards of
    the same samples (the acceptance target is at most 1.3x).
 3. **decode vs mask**: time per sample of one plan's evaluation in each mode.
-4. **Peak RSS** of one ``--long``-token decode-mode evaluation, in a fresh subprocess.
+4. **Peak RSS** of one ``--long``-token decode-mode evaluation, in a fresh subprocess each for
+   the razor plan and the all-full plan, with the KV-cache bytes each really held at the end
+   (decode mode removes the entries of layers whose every KV head streams).
 5. **Layer sharing** (``kv_plan_eval/shared.py``) on ``--share-model`` (Gemma 3: only its global
    layers 5, 11, 17 can stream, so its 8 plans start streaming at different depths): all 8 plans
    on ``--share-samples`` needle samples with every plan resumed at its first streaming layer
@@ -20,7 +22,7 @@
 
 Usage: ``python benchmarks/bench_kvplans.py [--model smollm2-135m] [--samples 12] [--ctx 1024]
 [--random 20] [--long 2048] [--share-model gemma3-270m] [--share-samples 3]
-[--only-rss | --only-share]``.
+[--only-rss | --only-share | --only-decode]``.
 """
 
 from __future__ import annotations
@@ -123,12 +125,16 @@ def peak_rss_child(model_name: str, n: int, plan_json: str) -> None:
     watcher.start()
     t0 = time.perf_counter()
     params = KVPlanEvalParams(scores_run="x", mode="decode", max_new_tokens=16)
-    evaluate(model, {"plan": plan}, sample, params)
+    table, _ = evaluate(model, {"plan": plan}, sample, params)
     done.set()
     watcher.join()
     high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cfg = model.cfg  # the unmodified cache of the context: keys and values, fp32
+    full = model.n_layers * model.n_kv_heads * cfg.d_head * 2 * 4 * int(sample[0].context.numel())
     print(json.dumps({"seconds": time.perf_counter() - t0, "rss_before_mib": before / 2**20,
-                      "peak_rss_mib": peak[0] / 2**20, "ru_maxrss_mib": high}))  # fmt: skip
+                      "peak_rss_mib": peak[0] / 2**20, "ru_maxrss_mib": high,
+                      "cache_fraction": float(table["cache_fraction"].mean()),
+                      "full_cache_mib": full / 2**20}))  # fmt: skip
 
 
 def main() -> None:
@@ -143,6 +149,7 @@ def main() -> None:
     ap.add_argument("--share-model", default="gemma3-270m")
     ap.add_argument("--share-samples", type=int, default=3)
     ap.add_argument("--only-share", action="store_true", help="just the layer-sharing part")
+    ap.add_argument("--only-decode", action="store_true", help="just decode vs mask (part 3)")
     args = ap.parse_args()
     if args.rss_child:
         peak_rss_child(args.model, args.long, args.rss_child)
@@ -156,7 +163,6 @@ def main() -> None:
     from workbench.analyses.kv_plan_eval import KVPlanEvalParams
     from workbench.analyses.kv_plan_eval.compute import METRICS, evaluate
     from workbench.circuits.kvplans import controls
-    from workbench.eviction import decode_with_eviction
     from workbench.runner import ModelPool
     from workbench.store import ResultStore
     from workbench.streaming import plan_logits
@@ -168,10 +174,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     plan = razor_plan(model, ResultStore(tmp / "store"))
     (tmp / "plan.json").write_text(plan.to_json())
+    (tmp / "full.json").write_text(controls(plan, 0, seed=0)["all_full"].to_json())
     if args.only_rss:
-        rss(args, tmp / "plan.json")
+        rss(args, tmp)
         return
     samples = samples_for(model, args.samples, args.ctx)
+    if args.only_decode:
+        decode_vs_mask(model, plan, samples)
+        return
     ctl = controls(plan, args.random, seed=0)
     plans = {"plan": plan, **{k: v for k, v in ctl.items() if k.startswith("random_u")}}
     params = KVPlanEvalParams(scores_run="x", max_new_tokens=16)
@@ -208,10 +218,20 @@ def main() -> None:
     print(f"mask mode: {t_mask:.2f} s for {len(ids)} forwards vs {t_plain:.2f} s unmodified: "
           f"{t_mask / t_plain:.2f}x (target <= 1.3x)")  # fmt: skip
 
-    one = {"plan": plan}
-    n = min(4, len(samples))
+    decode_vs_mask(model, plan, samples)
+    rss(args, tmp)
+    layer_sharing(args)
+
+
+def decode_vs_mask(model, plan, samples) -> None:
+    """Part 3: one plan's evaluation per sample in mask mode and in decode mode."""
+    from workbench.analyses.kv_plan_eval import KVPlanEvalParams
+    from workbench.analyses.kv_plan_eval.compute import evaluate
+    from workbench.eviction import decode_with_eviction
+
+    one, n = {"plan": plan}, min(4, len(samples))
     t0 = time.perf_counter()
-    evaluate(model, one, samples[:n], params)
+    evaluate(model, one, samples[:n], KVPlanEvalParams(scores_run="x", max_new_tokens=16))
     per_mask = (time.perf_counter() - t0) / n
     t0 = time.perf_counter()
     evaluate(model, one, samples[:n], KVPlanEvalParams(scores_run="x", mode="decode",
@@ -220,10 +240,8 @@ def main() -> None:
     dec = decode_with_eviction(model, plan, samples[0].context, feed_last=50)
     fed = dec.logits.shape[0]
     print(f"per sample: mask {per_mask:.2f} s, decode {per_decode:.2f} s "
-          f"({per_decode / per_mask:.2f}x); decode fed {fed} tokens singly")  # fmt: skip
-
-    rss(args, tmp / "plan.json")
-    layer_sharing(args)
+          f"({per_decode / per_mask:.2f}x); decode fed {fed} tokens singly; KV cache held "
+          f"{dec.cache_fraction:.3f} of the unmodified")  # fmt: skip
 
 
 def layer_sharing(args: argparse.Namespace) -> None:
@@ -263,17 +281,27 @@ def layer_sharing(args: argparse.Namespace) -> None:
           f"{fe_off / fe_on:.2f}x; largest metric difference {diff:.2g}")  # fmt: skip
 
 
-def rss(args: argparse.Namespace, plan_json: Path) -> None:
-    child = subprocess.run(
-        [sys.executable, __file__, "--rss-child", str(plan_json), "--model", args.model,
-         "--long", str(args.long)],
-        check=True, capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
-    out = json.loads(child.stdout.strip().splitlines()[-1])
-    peak, loaded = out["peak_rss_mib"], out["rss_before_mib"]
-    print(f"decode evaluation at {args.long} tokens: {out['seconds']:.1f} s, peak RSS during it "
-          f"{peak:.0f} MiB (model loaded: {loaded:.0f} MiB, +{peak - loaded:.0f}; the load's own "
-          f"high-water mark {out['ru_maxrss_mib']:.0f} MiB)")  # fmt: skip
+def rss(args: argparse.Namespace, tmp: Path) -> None:
+    """Part 4: the razor plan (``plan.json``) and the all-full plan (``full.json``), each in a
+    fresh process."""
+    extra = {}
+    for name in ("plan", "full"):
+        child = subprocess.run(
+            [sys.executable, __file__, "--rss-child", str(tmp / f"{name}.json"), "--model",
+             args.model, "--long", str(args.long)],
+            check=True, capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+        out = json.loads(child.stdout.strip().splitlines()[-1])
+        peak, loaded = out["peak_rss_mib"], out["rss_before_mib"]
+        extra[name] = peak - loaded
+        held = out["cache_fraction"] * out["full_cache_mib"]
+        print(f"decode evaluation at {args.long} tokens, {name} plan: {out['seconds']:.1f} s, "
+              f"peak RSS during it {peak:.0f} MiB (model loaded: {loaded:.0f} MiB, "
+              f"+{peak - loaded:.0f}; the load's own high-water mark "
+              f"{out['ru_maxrss_mib']:.0f} MiB); KV cache held at the end {held:.1f} MiB = "
+              f"{out['cache_fraction']:.3f} of {out['full_cache_mib']:.1f}")  # fmt: skip
+    print(f"extra RSS of the razor plan's decode / the all-full plan's: "
+          f"{extra['plan'] / extra['full']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 
 from workbench.circuits.kvplans import KVPlan
 from workbench.errors import WorkbenchError
-from workbench.eviction import decode_with_eviction
+from workbench.eviction import CompactLayer, decode_with_eviction
 from workbench.hooks import record
 from workbench.streaming import (
     StreamAttention,
@@ -89,9 +89,40 @@ def test_mask_mode_equals_real_eviction(load, comp, weighted):
     dec = decode_with_eviction(model, plan, toks[0], feed_last=20, chunk=16)
     assert dec.start == 28 and dec.logits.shape[0] == 20
     assert _rel(dec.logits, masked[dec.start :]) <= 1e-5
+    # layers where every KV head streams hold sink + window positions, the others all 48
+    compact = sum(all((lay, g) not in plan.full for g in range(model.n_kv_heads))
+                  for lay in range(model.n_layers))  # fmt: skip
+    assert 0 < compact < model.n_layers
+    want = (model.n_layers - compact + compact * (3 + 9) / 48) / model.n_layers
+    assert dec.cache_fraction == pytest.approx(want, rel=1e-12)
     full = _plan(model, _all(model))
-    floor = decode_with_eviction(model, full, toks[0], feed_last=20, chunk=16).logits
-    assert _rel(floor, _base(model, toks)[0, dec.start :]) <= 1e-5
+    floor = decode_with_eviction(model, full, toks[0], feed_last=20, chunk=16)
+    assert _rel(floor.logits, _base(model, toks)[0, dec.start :]) <= 1e-5
+    assert floor.cache_fraction == 1.0 and floor.full_cache_bytes == dec.full_cache_bytes
+
+
+def test_removal_next_to_a_natively_sliding_layer_equals_mask_mode(load):
+    # tiny Gemma 3: layer 0 slides natively (window 8, its own cache layer), layer 1 is global
+    # and streams both KV heads, so its entries are removed; positions come from layer 0
+    model = load("tiny-gemma3")
+    toks = _tokens(model, 40, seed=3)
+    plan = _plan(model, sink=2, window=7)
+    masked = plan_logits(model, plan, toks)[0]
+    assert _rel(masked, _base(model, toks)[0]) > 1e-3
+    dec = decode_with_eviction(model, plan, toks[0], feed_last=15, chunk=10)
+    assert _rel(dec.logits, masked[dec.start :]) <= 1e-5
+    assert dec.cache_fraction < 1.0
+
+
+def test_a_cache_that_loses_the_absolute_length_is_refused(load, monkeypatch):
+    # a compacted layer must still report the whole sequence's length, or positions go wrong
+    model = load("tiny-llama")
+    toks = _tokens(model, 30, seed=1)
+    plan = _plan(model, [(1, 0)], sink=2, window=6)  # layer 0 streams every KV head
+    monkeypatch.setattr(CompactLayer, "get_seq_length", CompactLayer.__mro__[1].get_seq_length)
+    with pytest.raises(WorkbenchError, match="positions would be wrong") as err:
+        decode_with_eviction(model, plan, toks[0], feed_last=10)
+    assert "\n" not in str(err.value)
 
 
 def test_greedy_decoding_in_decode_mode_follows_its_own_logits(load):
@@ -176,3 +207,4 @@ def test_smollm2_identities_and_mask_equals_eviction(smollm2):
     assert _rel(masked, base[0]) > 1e-2
     dec = decode_with_eviction(model, plan, toks[0], feed_last=12, chunk=128)
     assert _rel(dec.logits, masked[dec.start :]) <= 1e-5
+    assert dec.cache_fraction < 0.9  # the layers without a full KV head really shrank

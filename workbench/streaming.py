@@ -29,12 +29,13 @@ Two modes (:class:`StreamAttention`):
   logsumexp), and ``z`` is blended at ``hook_z``.
 - ``decode`` (`workbench.eviction`): DuoAttention's protocol. The context is prefilled in
   chunks (streaming heads masked as above), then the dropped entries are *deleted* from the KV
-  cache (zeroed; running sums of the evicted keys and values are kept for the compensation),
-  then the last prompt tokens and the answer are fed one token at a time, each step evicting
-  the key that leaves the window. ``s_c = q . mean(K_evicted) * scale`` from the sums of the
-  entries really taken out of the cache, not from the sequence's own keys. The heads of one
-  layer share one cache tensor, so a deleted slot is also masked (its zero key would score 0,
-  not minus infinity); every step checks that the deleted slots really score 0 (the eviction
+  cache (running sums of the evicted keys and values are kept for the compensation), then the
+  last prompt tokens and the answer are fed one token at a time, each step evicting the key
+  that leaves the window. ``s_c = q . mean(K_evicted) * scale`` from the sums of the entries
+  really taken out of the cache, not from the sequence's own keys. Where every KV head of a
+  layer streams, the entries are removed from its cache tensors; elsewhere the heads of the
+  layer share one tensor, so a deleted slot is zeroed and masked (its zero key would score 0,
+  not minus infinity), and every step checks that those slots really score 0 (the eviction
   reached the cache the model reads) and refuses otherwise.
 
 Both modes refuse what they cannot do exactly: streaming a layer the model already slides
@@ -132,6 +133,7 @@ class _Layer:
     ksum: Tensor | None = None
     vsum: Tensor | None = None
     evicted: int = 0  # positions [sink, sink + evicted) are deleted from the cache
+    compact: bool = False  # ... and physically removed (every KV head of the layer streams)
 
 
 class StreamAttention:
@@ -315,10 +317,10 @@ class StreamAttention:
             raise WorkbenchError(
                 "decode mode feeds one token per forward after the eviction", "feed tokens singly"
             )
-        lo, hi = plan.sink, plan.sink + st.evicted
+        lo, hi = plan.sink, plan.sink + (0 if st.compact else st.evicted)
         sub = s[:, st.q_idx]  # [b, h, 1, k]
         gone = sub[..., lo:hi]
-        if st.evicted and bool((gone != 0).any()):
+        if hi > lo and bool((gone != 0).any()):
             raise WorkbenchError(
                 "evicted KV-cache entries still score non-zero: the eviction did not reach the "
                 "cache the model reads (a changed transformers cache layout?)",
@@ -343,40 +345,10 @@ class StreamAttention:
 
     def evict(self, cache: Any, next_pos: int) -> None:
         """Delete from ``cache`` every streaming entry the query at ``next_pos`` drops
-        (positions ``sink .. next_pos - window``), adding them to the compensation sums."""
-        plan = self.plan
-        stop = max(plan.sink, next_pos - plan.window + 1)  # first position still kept
-        for layer, st in self.layers.items():
-            entry = cache.layers[layer]
-            keys, values = getattr(entry, "keys", None), getattr(entry, "values", None)
-            if (
-                keys is None
-                or values is None
-                or getattr(entry, "is_sliding", False)
-                or keys.dim() != 4
-                or int(keys.shape[2]) != next_pos
-            ):
-                raise WorkbenchError(
-                    f"layer {layer}'s KV cache is not a plain [batch, kv_head, pos, d] tensor of "
-                    f"{next_pos} positions (a changed transformers cache layout?)",
-                    "use the pinned transformers version",
-                )
-            start = plan.sink + st.evicted
-            if stop <= start:
-                continue
-            g = torch.tensor(st.kv_heads, device=keys.device)
-            k_gone = keys[:, g, start:stop].float().sum(2)  # [b, g, d]
-            v_gone = values[:, g, start:stop].float().sum(2)
-            n_kv = int(keys.shape[1])
-            if st.ksum is None or st.vsum is None:
-                st.ksum = keys.new_zeros((keys.shape[0], n_kv, keys.shape[-1]), dtype=torch.float)
-                st.vsum = values.new_zeros(st.ksum.shape, dtype=torch.float)
-            st.ksum[:, g] += k_gone
-            st.vsum[:, g] += v_gone
-            for h in st.kv_heads:
-                keys[:, h, start:stop] = 0
-                values[:, h, start:stop] = 0
-            st.evicted = stop - plan.sink
+        (positions ``sink .. next_pos - window``): ``workbench.eviction.evict``."""
+        from workbench.eviction import evict
+
+        evict(self, cache, next_pos)
 
     def seed(self, cache: Any) -> None:
         """Continue from ``cache``, prefilled *without* the plan: exact while no query of it
@@ -400,7 +372,11 @@ class StreamAttention:
             st.values = values[:, st.kv_heads_t].transpose(1, 2).clone()
 
     def start_decoding(self) -> None:
+        """From here on one token per forward, after an eviction; the per-sequence stores of
+        mask mode are not needed any more (the compensation comes from the evicted sums)."""
         self._decoding = True
+        for st in self.layers.values():
+            st.values = st.keys = None
 
     def __enter__(self) -> StreamAttention:
         self._cm = hooked(self.model.bridge, self.hooks())
@@ -411,7 +387,7 @@ class StreamAttention:
         for st in self.layers.values():
             st.values = st.keys = st.pending = st.pending_k = None
             st.rot_q = st.blend = st.pending_blend = st.ksum = st.vsum = None
-            st.evicted = 0
+            st.evicted, st.compact = 0, False
         self._decoding = False
         self._cm.__exit__(*exc)
 

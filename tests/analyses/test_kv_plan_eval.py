@@ -97,6 +97,9 @@ def test_decode_mode_agrees_with_mask_mode(load):
     np.testing.assert_allclose(mb["kl"], ma["kl"], atol=1e-4)
     assert (mb["recall"] == ma["recall"]).all()
     assert ma["kl"].min() > 1e-4 and acct["tokens"] > 0
+    # decode mode measures the cache it held: "none" streams every layer, "one" only layer 0
+    held = mb["cache_fraction"].groupby("plan").mean()
+    assert held["none"] < held["one"] < 1.0 and "cache_fraction" not in ma
 
 
 def test_sharing_the_prefix_across_plans_is_exact(load):

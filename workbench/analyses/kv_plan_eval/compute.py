@@ -226,6 +226,7 @@ def _decode_sample(
         stop=lambda toks: is_stop(model, toks[-1], stops, model.codec.decode(toks[:-1])),
     )  # fmt: skip
     out["recall"] = _recall(model, sample, greedy.tokens, stops)
+    out["cache_fraction"] = greedy.cache_fraction  # measured; only all-streaming layers shrink
     return out, 2 * n + int(ans.shape[0]) - 1 + len(greedy.tokens)
 
 
@@ -368,6 +369,9 @@ def kv_plan_eval(
          **{m: float(means.loc[name, m]) for m in METRICS}}
         for name in plans
     ])  # fmt: skip
+    if "cache_fraction" in table:  # decode mode: what the cache really held, next to kv_fraction
+        held = table.groupby("plan")["cache_fraction"].mean()
+        plan_rows["cache_fraction"] = [float(held[name]) for name in plan_rows["plan"]]
     tables = {"plans": plan_rows, "samples": table, "summary": _summary(means)}
     if params.curve:
         tables["curve"] = _curve(model, built, rank, samples, params, n_ctx, refs)
