@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from tests.tables import assert_same_rows
 from workbench.cli import main
 from workbench.store import ResultStore
 
@@ -67,7 +68,7 @@ def test_ray_results_equal_the_local_run_row_for_row(cluster, tmp_path, monkeypa
     for run_id, tables in local.items():
         assert sorted(remote[run_id]) == sorted(tables)
         for name, table in tables.items():
-            assert remote[run_id][name].equals(table), (run_id, name)
+            assert_same_rows(remote[run_id][name], table)
     nodes = {store.load(r).info["ray_node"] for r in remote}
     assert len(nodes) == 2, "both nodes computed parts"
     assert main(["run", str(spec), "--no-progress", "--ray", cluster.address]) == 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.tables import assert_same_rows
 from workbench.cli import main
 from workbench.jobs.queue import JobQueue
 from workbench.runner import RunRequest
@@ -73,7 +74,7 @@ def test_workers_equal_the_in_process_run_row_for_row(tmp_path, monkeypatch, cap
     parallel = _tables(store)
     assert sorted(parallel) == sorted(serial)
     for run_id, heads in serial.items():
-        assert parallel[run_id].equals(heads), run_id
+        assert_same_rows(parallel[run_id], heads)
     jobs = JobQueue(store.root).jobs()
     assert {j.state for j in jobs} == {"done"} and len({j.worker for j in jobs}) == 2
     assert main(["jobs"]) == 0 and "done" in capsys.readouterr().out
@@ -109,7 +110,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_completed_once(tmp_path
     again = run_analysis("head_detectors", "tiny-llama", "induction", params={"batch_size": 1},
                          task_params={"seq_len": 48, "n_prompts": 3000},
                          store=ResultStore(tmp_path / "serial"))  # fmt: skip
-    assert store.load(part.run_id).heads["value"].equals(again.heads["value"])
+    assert_same_rows(store.load(part.run_id).heads["value"], again.heads["value"])
 
 
 @pytest.mark.parametrize("kill", ["driver", "driver and workers"])
