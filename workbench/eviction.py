@@ -112,7 +112,7 @@ def evict(s: StreamAttention, cache: Any, next_pos: int) -> None:
             st.vsum = values.new_zeros(st.ksum.shape, dtype=torch.float)
         st.ksum[:, g] += k_gone
         st.vsum[:, g] += v_gone
-        if len(st.kv_heads) == n_kv and type(entry) in (DynamicLayer, CompactLayer):
+        if st.all_heads and type(entry) in (DynamicLayer, CompactLayer):
             held = _compact(cache, layer)
             held.keys = torch.cat([keys[:, :, :lo], keys[:, :, hi:]], 2)
             held.values = torch.cat([values[:, :, :lo], values[:, :, hi:]], 2)
@@ -179,7 +179,7 @@ def decode_with_eviction(
 
         def step(tok: int) -> None:
             nonlocal cache, pos
-            s.evict(cache, pos)
+            evict(s, cache, pos)
             out, cache = model.bridge(
                 torch.tensor([[tok]], device=model.device), prepend_bos=False,
                 return_type="logits_and_cache", use_cache=True, past_key_values=cache,

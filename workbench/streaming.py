@@ -343,13 +343,6 @@ class StreamAttention:
         out[:, st.q_idx] = kept
         return out
 
-    def evict(self, cache: Any, next_pos: int) -> None:
-        """Delete from ``cache`` every streaming entry the query at ``next_pos`` drops
-        (positions ``sink .. next_pos - window``): ``workbench.eviction.evict``."""
-        from workbench.eviction import evict
-
-        evict(self, cache, next_pos)
-
     def seed(self, cache: Any) -> None:
         """Continue from ``cache``, prefilled *without* the plan: exact while no query of it
         dropped anything (at most ``sink + window`` positions), so every plan can share one
