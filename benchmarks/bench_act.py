@@ -75,9 +75,9 @@ def main() -> None:
         choice_metric,
         correct,
     )
-    from workbench.analyses.activation_patching.resume import ResumableRun
-    from workbench.attention_edits import act_edit, calibrate_attention
-    from workbench.head_sweep import naive_sweep, sweep_heads
+    from workbench.forward.attention_edits import act_edit, calibrate_attention
+    from workbench.forward.head_sweep import naive_sweep, sweep_heads
+    from workbench.forward.resume import ResumableRun
     from workbench.runner import ModelPool
     from workbench.types import Head
 

@@ -20,7 +20,7 @@ Two parts, both in the default run (``--only-tl`` / ``--only-smollm2`` select on
    prompts one at a time anyway). Printed: wall times, per-prompt times, the ratio TL / ours
    on the same prompts and, when ours also ran on more, TL's per-prompt time over ours per
    prompt on all of them. TL's scores are mapped onto our edge names (clean and corrupt
-   swapped, summed over positions, mean over prompts, as ``tests/test_edges.py`` does) and
+   swapped, summed over positions, mean over prompts, as ``tests/edges/test_edges.py`` does) and
    compared edge for edge with ours on the same prompts: the largest absolute difference
    relative to the largest ``|score|``. The script exits non-zero if the edge sets differ or
    that figure exceeds 1e-4.

@@ -52,8 +52,8 @@ def razor_plan(model, store):
     import numpy as np
 
     from workbench.circuits.kvplans import build_plan, kv_scores
+    from workbench.forward.streaming import native_windows
     from workbench.runner import run_analysis
-    from workbench.streaming import native_windows
 
     n_ctx = model.codec.n_ctx
     task = {"n_prompts": 2} if n_ctx >= 1600 else {"n_prompts": 2, "length": n_ctx // 4}
@@ -69,9 +69,9 @@ def naive(model, plans, samples, params):
     """Per plan and sample: a teacher-forced forward and a separate greedy decode."""
     import torch
 
-    from workbench.analyses.kv_plan_eval.compute import _metrics, _recall, _reference
-    from workbench.analyses.retrieval_heads.decode import greedy_answers, stop_ids
-    from workbench.streaming import StreamAttention
+    from workbench.analyses.kv_plan_eval.compute import _metrics, _reference
+    from workbench.forward.decode import answer_recall, greedy_answers, stop_ids
+    from workbench.forward.streaming import StreamAttention
 
     stops = stop_ids(model)
     refs = [_reference(model, s) for s in samples]
@@ -92,7 +92,7 @@ def naive(model, plans, samples, params):
             out = _metrics(
                 lp[n - 1 :], refs[i], s.answer, lp[start:stop], s.context[start + 1 : stop + 1]
             )
-            out["recall"] = _recall(model, s, dec.tokens, stops)
+            out["recall"] = answer_recall(model, s, dec.tokens, stops)
             rows.append({"plan": name, "sample": i, **out})
             tokens += n + m - 1 + n + len(dec.tokens)
     return rows, tokens
@@ -103,7 +103,7 @@ def peak_rss_child(model_name: str, n: int, plan_json: str) -> None:
     in ``plan_json`` (so nothing else raised the high-water mark first); prints JSON."""
     from workbench.analyses.kv_plan_eval import KVPlanEvalParams
     from workbench.analyses.kv_plan_eval.compute import evaluate
-    from workbench.circuits.kvplans import KVPlan
+    from workbench.forward.plan import KVPlan
     from workbench.runner import ModelPool
 
     model = ModelPool().get(model_name)
@@ -163,9 +163,9 @@ def main() -> None:
     from workbench.analyses.kv_plan_eval import KVPlanEvalParams
     from workbench.analyses.kv_plan_eval.compute import METRICS, evaluate
     from workbench.circuits.kvplans import controls
+    from workbench.forward.streaming import plan_logits
     from workbench.runner import ModelPool
     from workbench.store import ResultStore
-    from workbench.streaming import plan_logits
 
     if args.only_share:
         layer_sharing(args)
@@ -227,7 +227,7 @@ def decode_vs_mask(model, plan, samples) -> None:
     """Part 3: one plan's evaluation per sample in mask mode and in decode mode."""
     from workbench.analyses.kv_plan_eval import KVPlanEvalParams
     from workbench.analyses.kv_plan_eval.compute import evaluate
-    from workbench.eviction import decode_with_eviction
+    from workbench.forward.eviction import decode_with_eviction
 
     one, n = {"plan": plan}, min(4, len(samples))
     t0 = time.perf_counter()
@@ -250,9 +250,9 @@ def layer_sharing(args: argparse.Namespace) -> None:
     from workbench.analyses.kv_plan_eval import KVPlanEvalParams
     from workbench.analyses.kv_plan_eval.compute import METRICS, evaluate
     from workbench.analyses.kv_plan_eval.shared import first_layer
-    from workbench.circuits.kvplans import KVPlan
+    from workbench.forward.plan import KVPlan
+    from workbench.forward.streaming import native_windows
     from workbench.runner import ModelPool
-    from workbench.streaming import native_windows
 
     model = ModelPool().get(args.share_model)
     grid = (model.n_layers, model.n_kv_heads)

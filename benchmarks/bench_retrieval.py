@@ -70,7 +70,8 @@ def authors(
     (wall, CPU) seconds, and how many spans their own search finds."""
     from authors_retrieval import authors_sample, eager_hf_model, paper_span
 
-    from workbench.analyses.retrieval_heads.decode import is_stop, sample_spans, stop_ids
+    from workbench.analyses.retrieval_heads.hits import sample_spans
+    from workbench.forward.decode import is_stop, stop_ids
 
     hf, tok = eager_hf_model(model.name)
     spans = sample_spans(model, ns.samples, "real_needle")

@@ -29,7 +29,7 @@ LAYER = (
 LEAVES = (
     "workbench.tasks",
     "workbench.models.loading",
-    "workbench.models.selfcheck",
+    "workbench.forward.selfcheck",
     "workbench.params",
 )
 """Shown where entered from the layer, but not inside (the analysis functions too)."""

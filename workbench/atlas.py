@@ -2,9 +2,9 @@
 
 For one model, :func:`build_atlas` reads the results store (torch-free) and builds
 ``Atlas.table``: one row per head (``layer, head, head_label = "L{l}H{h}"``), one *score column*
-per ``(analysis, variant, metric, task)``, named ``analysis[variant].metric@task`` (the README's
-atlas section shows real ones; no variant: ``analysis.metric@task``). Each column
-holds the value of the **latest** stored run for that key (by the catalog's ``created_at``);
+per ``(analysis, variant, metric, task)``, named ``analysis[variant].metric@task``
+(``docs/circuits.md`` shows real ones; no variant: ``analysis.metric@task``). Each column holds
+the value of the **latest** stored run for that key (by the catalog's ``created_at``);
 runs that differ only in parameters not named in the column (a task's ``seq_len``, ``n_prompts``,
 BOS policy) replace each other, the newest wins, and ``<column>__run`` gives the run id of every
 value. ``Atlas.provenance`` has one row per column (run, created time, parameters).

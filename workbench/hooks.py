@@ -18,7 +18,13 @@ kind                hook                                        shape
 ``z``               ``blocks.{l}.attn.hook_z``                  ``batch pos n_heads d_head``
 ``pattern``         ``blocks.{l}.attn.hook_pattern``            ``batch n_heads q_pos k_pos``
 ``scores``          ``blocks.{l}.attn.hook_attn_scores``        ``batch n_heads q_pos k_pos``
+``q_input`` ...     ``blocks.{l}.attn.hook_q_input`` (k, v)     ``batch pos n_heads d_model``
+``mlp_in``          ``blocks.{l}.hook_mlp_in``                  ``batch pos d_model``
 ==================  ==========================================  ==============================
+
+The input hooks (``q_input``, ``k_input``, ``v_input``, ``mlp_in``: what each receiver of an
+edge reads) fire only while the bridge's split-qkv and mlp-in hooks are switched on (edge
+attribution does, ``workbench.edges.common``), so they are not in :data:`HOOK_KINDS`.
 
 Layouts: grouped-query attention shares each KV head among ``n_heads / n_kv_heads`` query
 heads; query head ``h`` reads KV head ``kv_head_of(h) = h // (n_heads / n_kv_heads)``
@@ -54,15 +60,25 @@ _LAYER_HOOKS = {
     "scores": "blocks.{l}.attn.hook_attn_scores",
 }
 
+_INPUT_HOOKS = {
+    "q_input": "blocks.{l}.attn.hook_q_input",
+    "k_input": "blocks.{l}.attn.hook_k_input",
+    "v_input": "blocks.{l}.attn.hook_v_input",
+    "mlp_in": "blocks.{l}.hook_mlp_in",
+}
+
 HOOK_KINDS: tuple[str, ...] = tuple(_LAYER_HOOKS)
+HEAD_COMPONENTS = ("z", "q", "pattern")  # patchable kinds indexed by query head
+KV_COMPONENTS = ("k", "v")  # patchable kinds indexed by KV head
 
 
 def hook_name(kind: str, layer: int) -> str:
     """The bridge hook name of ``kind`` at ``layer`` (see the module table)."""
-    try:
-        return _LAYER_HOOKS[kind].format(l=layer)
-    except KeyError:
-        raise ValueError(f"unknown hook kind {kind!r}; known: {', '.join(_LAYER_HOOKS)}") from None
+    template = _LAYER_HOOKS.get(kind) or _INPUT_HOOKS.get(kind)
+    if template is None:
+        known = ", ".join([*_LAYER_HOOKS, *_INPUT_HOOKS])
+        raise ValueError(f"unknown hook kind {kind!r}; known: {known}")
+    return template.format(l=layer)
 
 
 HookFn = Callable[..., Any]

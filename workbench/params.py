@@ -126,3 +126,9 @@ def describe(cls: type) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def check_batch(name: str, batch_size: int) -> None:
+    """Refuse a batch size below 1 (one line naming the analysis)."""
+    if batch_size < 1:
+        raise WorkbenchError(f"{name}: batch_size must be >= 1", "set batch_size = 8")

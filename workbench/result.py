@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from workbench.figures import head_heatmap
-from workbench.types import HEAD_TABLE_COLUMNS, AnalysisOutput
+from workbench.types import HEAD_AXES, HEAD_TABLE_COLUMNS, AnalysisOutput
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -74,11 +74,13 @@ class Result:
     @property
     def head_axis(self) -> str:
         """What the ``head`` column indexes (``types.HEAD_AXES``), as the analysis's registry
-        entry declares for the run's parameters; query heads for derived runs."""
-        from workbench.registry import REGISTRY
-
-        entry = REGISTRY.get(str(self.key.get("analysis")))
-        return "head" if entry is None else entry.axis(self.key.get("params", {}))
+        entry declared it for the run's parameters when it was computed (the runner records it
+        in the run's info); query heads for derived runs. A run stored before the runner
+        recorded it has it in its info only if its axis could be other than query heads
+        (activation patching, the one analysis whose axis depends on its parameters, has always
+        recorded it itself), so query heads otherwise."""
+        axis = self.info.get("head_axis")
+        return str(axis) if axis in HEAD_AXES else "head"
 
     @property
     def heads(self) -> pd.DataFrame:

@@ -8,6 +8,12 @@ stored result is served without importing torch or touching the model (verified 
 otherwise the prompts are built, the entry's function computes, the store writes atomically,
 and the entry's after-store hook gets the result just stored. One :class:`~workbench.result.
 Result` comes back. :func:`run_parts` runs several with one progress bar.
+
+Every path ends a part through the same two functions, whoever computes it (this process, a
+worker, a Ray actor, the app's page): :func:`stored_outcome` is the one decision whether a
+stored result may be served (``Part.servable`` and intact in the store), and
+:func:`finish_part` the one place a computed part is stored atomically and given to its
+entry's after-store hook.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ from workbench import params as P
 from workbench.errors import WorkbenchError
 from workbench.hooks import model_lock
 from workbench.provenance import library_versions
-from workbench.registry import get_analysis
+from workbench.registry import REGISTRY, get_analysis
 from workbench.result import Result, head_table
-from workbench.types import Analysis, PromptGroups, RunKey, sha256_hex
+from workbench.types import Agreement, Analysis, PromptGroups, RunKey, sha256_hex
 
 if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
@@ -121,9 +127,9 @@ class Part:
 
     def servable(self) -> bool:
         """Whether a stored result may be served: not when a self-check this run relies on is
-        recorded as failed for the model under its library versions (``models.selfcheck.trusted``;
+        recorded as failed for the model under its library versions (``forward.selfcheck.trusted``;
         then the run is computed, re-running the check first)."""
-        from workbench.models.selfcheck import trusted
+        from workbench.forward.selfcheck import trusted
 
         return trusted(self.key.model_fingerprint, dict(self.key.libraries), self.checks)
 
@@ -190,7 +196,7 @@ def part_inputs(part: Part, store: ResultStore | None) -> dict[str, Any]:
 
 
 def _compute(part: Part, model: LoadedModel, inputs: dict[str, Any]) -> tuple[dict[str, Any], dict]:
-    from workbench.models.selfcheck import require
+    from workbench.forward.selfcheck import require
     from workbench.tasks import build_task
 
     analysis, parsed, key = part.entry, part.params, part.key
@@ -226,6 +232,8 @@ def _compute(part: Part, model: LoadedModel, inputs: dict[str, Any]) -> tuple[di
         "dtype": model.dtype,
         "prompt_seconds": t1 - t0,
         "analysis_seconds": t2 - t1,
+        # what the ``head`` column indexes, as the entry declares it (``Result.head_axis``)
+        "head_axis": analysis.axis(dict(key.params)),
     }
     if checks:
         info.setdefault("self_checks", checks)
@@ -293,23 +301,76 @@ class PartOutcome:
         return self.part.request
 
 
-def run_part(part: Part, store: ResultStore, pool: ModelPool, *, read: bool = True) -> PartOutcome:
-    """The one way a part is run: the intact stored result (verified once, read if ``read``),
-    else computed on ``pool``'s model, stored atomically, and given to the entry's after-store
-    hook; the computed result is returned as stored, never read back."""
+def stored_outcome(part: Part, store: ResultStore, *, read: bool = False) -> PartOutcome | None:
+    """The one decision whether ``part`` may be served from ``store``: its stored result is
+    intact (verified once; read with ``read``) and :meth:`Part.servable` (no self-check it relies
+    on is recorded as failed). Returns its "stored" outcome, or None: compute it."""
     t0 = time.perf_counter()
-    serve = part.servable()
-    if serve and not read and store.has(part.run_id):
-        return PartOutcome(part, "stored", time.perf_counter() - t0, None)
-    result = store.get_or_compute(
-        part.key,
+    if not part.servable():
+        return None
+    if read:
+        found = store.get(part.run_id)  # verified and read at once
+        if found is None:
+            return None
+        return PartOutcome(part, "stored", time.perf_counter() - t0, found)
+    if not store.has(part.run_id):
+        return None
+    return PartOutcome(part, "stored", time.perf_counter() - t0, None)
+
+
+def _declared(analysis: str) -> Agreement | None:
+    """An analysis's :class:`~workbench.types.Agreement` declaration (what after-store hooks
+    receive to look up theirs and their partner's), or None."""
+    entry = REGISTRY.get(analysis)
+    return None if entry is None else entry.agreement
+
+
+def finish_part(
+    part: Part,
+    store: ResultStore,
+    compute: Callable[[], tuple[Mapping[str, Any], Mapping[str, Any]]],
+    *,
+    read: bool = True,
+    serve: bool = True,
+    seconds: float | None = None,
+) -> PartOutcome:
+    """The one way a part ends, wherever it is computed: with ``serve``, the stored result when
+    :func:`stored_outcome` serves it; otherwise ``compute()`` (tables, manifest facts), stored
+    atomically (``ResultStore.put``), and a fresh result given to the entry's after-store hook
+    ``after_store(store, result, declared)``. The computed result is returned as stored, never
+    read back; a result another process stored first comes back "stored" (no hook).
+    ``serve=False``: the caller's :func:`stored_outcome` already said compute (or the stored
+    result is not trusted). ``seconds``: the compute time when it was measured elsewhere (a Ray
+    actor), else the wall time of ``compute()``."""
+    t0 = time.perf_counter()
+    if serve:
+        served = stored_outcome(part, store, read=read)
+        if served is not None:
+            return served
+    start = time.perf_counter()
+    tables, info = compute()
+    took = time.perf_counter() - start if seconds is None else seconds
+    result = store.put(part.key, tables, info, seconds=took)
+    if not result.from_store and part.entry.after_store is not None:
+        part.entry.after_store(store, result, _declared)
+    status = "stored" if result.from_store else "computed"
+    wall = time.perf_counter() - t0 if seconds is None else seconds
+    return PartOutcome(part, status, wall, result)
+
+
+def run_part(
+    part: Part, store: ResultStore, pool: ModelPool, *, read: bool = True, serve: bool = True
+) -> PartOutcome:
+    """The one way a part is run in a process: :func:`finish_part` with the part computed on
+    ``pool``'s model (loaded only if it must compute). ``serve=False``: the caller already
+    asked :func:`stored_outcome`."""
+    return finish_part(
+        part,
+        store,
         lambda: compute(part, pool.get(part.model, part.device, part.dtype), store),
+        read=read,
         serve=serve,
     )
-    if not result.from_store and part.entry.after_store is not None:
-        part.entry.after_store(store, result)
-    status = "stored" if result.from_store else "computed"
-    return PartOutcome(part, status, time.perf_counter() - t0, result)
 
 
 def serve_stored(
@@ -320,17 +381,17 @@ def serve_stored(
     read: bool = False,
     on_result: Callable[[PartOutcome], None] | None = None,
 ) -> list[Part]:
-    """Record an outcome for every part whose intact result may be served from ``store``
-    (verified; read with ``read``); return the parts left to compute (for the pools)."""
+    """Record an outcome for every part :func:`stored_outcome` serves from ``store`` (read with
+    ``read``); return the parts left to compute (for the pools)."""
     todo = []
     for part in parts:
-        if part.servable() and store.has(part.run_id):
-            result = store.load(part.run_id) if read else None
-            outcomes[part.run_id] = PartOutcome(part, "stored", 0.0, result)
-            if on_result is not None:
-                on_result(outcomes[part.run_id])
-        else:
+        served = stored_outcome(part, store, read=read)
+        if served is None:
             todo.append(part)
+            continue
+        outcomes[part.run_id] = served
+        if on_result is not None:
+            on_result(served)
     return todo
 
 

@@ -8,7 +8,8 @@
 - :func:`hypergeom_sf`: ``P(X >= observed)`` for the intersection ``X = |A & B|`` of a fixed
   ``A`` and a uniform random ``B`` of ``N`` items, exact (integer arithmetic);
 - :func:`permutation_p`: the same by drawing random ``B``:
-  ``(1 + #{X* >= observed}) / (1 + n_permutations)``.
+  ``(1 + #{X* >= observed}) / (1 + n_permutations)``;
+- :func:`random_rank`: where a value falls among the random controls' values.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "pearson",
     "permutation_p",
     "pooled",
+    "random_rank",
     "ranks",
     "spearman",
 ]

@@ -125,6 +125,7 @@ class RoleRule:
 Metric = Literal["logit_diff", "norm_logit_diff", "prob", "loss", "kl"]
 METRICS: tuple[str, ...] = typing.get_args(Metric)
 """The final-position metrics of the patching family (``workbench.metrics`` computes them)."""
+DIRECTIONS = ("denoising", "noising")  # patching: write clean into corrupted, or the reverse
 
 HEAD_AXES = ("head", "kv_head", "none")
 """What the ``head`` column of a per-head table indexes: query heads, KV heads (grouped-query
@@ -164,15 +165,17 @@ class Analysis:
     task_kind: str = "prompts"  # (for the others the runner runs each group and merges them)
     version: str = "1"
     reference: str = ""
-    checks: tuple[str, ...] = ()  # self-checks its fast paths need (models.selfcheck.CHECKS)
+    checks: tuple[str, ...] = ()  # self-checks its fast paths need (forward.selfcheck.CHECKS)
     roles: tuple[RoleRule, ...] = ()  # role labels it gives heads in the atlas
     variant_params: tuple[str, ...] = ()  # params that change what its scores mean (atlas)
     tasks: tuple[str, ...] = ()  # tasks the app's Run page offers it (empty: prompt pairs)
     head_page: str = ""  # title of its section on the app's Head page, if any
     # params -> one of HEAD_AXES: what its per-head tables index (default: query heads)
     head_axis: Callable[[Mapping[str, Any]], str] | None = None
-    # (store, result): run by the runner after a fresh result of it is stored
-    after_store: Callable[[Any, Any], Any] | None = None
+    # (store, result, declared): run by the runner after a fresh result of it is stored;
+    # declared(analysis) is that analysis's Agreement declaration, or None (its own and its
+    # partner's, so the hook needs no registry)
+    after_store: Callable[[Any, Any, Callable[[str], Agreement | None]], Any] | None = None
     # (params, store) -> keyword arguments it reads from the store the runner holds (torch-free)
     inputs: Callable[[Any, Any], dict[str, Any]] | None = None
     agreement: Agreement | None = None  # its pairing with an analysis scoring the same thing

@@ -13,7 +13,6 @@ from workbench.analyses.act_search import ActSearchParams
 from workbench.analyses.act_search.compute import (
     eval_task_params,
     groups_of,
-    random_sets,
     score_groups,
     search_scope,
 )
@@ -24,9 +23,10 @@ from workbench.analyses.act_search.scoring import (
     correct,
     noise_floor,
 )
-from workbench.attention_edits import calibrate_attention
 from workbench.errors import WorkbenchError
-from workbench.head_sweep import naive_sweep
+from workbench.forward.attention_edits import calibrate_attention
+from workbench.forward.head_sweep import naive_sweep
+from workbench.heads import random_head_sets
 from workbench.runner import run_analysis
 from workbench.stats import random_rank
 from workbench.tasks import build_task
@@ -152,9 +152,9 @@ def test_beta_one_changes_nothing(load, store):
 
 def test_random_sets_and_rank():
     scope = [Head(la, h) for la in range(3) for h in range(4)]
-    sets = random_sets(scope, 5, 7, seed=2)
+    sets = random_head_sets(scope, 5, 7, seed=2)
     assert len(sets) == 7 and all(len(set(s)) == 5 and set(s) <= set(scope) for s in sets)
-    assert sets == random_sets(scope, 5, 7, seed=2) and sets != random_sets(scope, 5, 7, seed=3)
+    assert sets == random_head_sets(scope, 5, 7, 2) and sets != random_head_sets(scope, 5, 7, 3)
     assert random_rank(0.5, [0.1, 0.5, 0.9, 0.2]) == (62.5, 3 / 5)
 
 

@@ -11,8 +11,8 @@ from transformer_lens import patching
 
 from workbench.analyses.activation_patching import ActivationPatchingParams
 from workbench.analyses.activation_patching.compute import activation_patching
-from workbench.analyses.activation_patching.resume import ResumableRun
 from workbench.errors import WorkbenchError
+from workbench.forward.resume import ResumableRun
 from workbench.hooks import hook_name
 from workbench.metrics import logit_diff
 from workbench.tasks import build_task

@@ -7,12 +7,9 @@ import pytest
 import torch
 
 from workbench.analyses.causal_validation import ValidationParams, source_scores
-from workbench.analyses.causal_validation.compute import (
-    causal_validation,
-    random_sets,
-    validation_figure,
-)
+from workbench.analyses.causal_validation.compute import causal_validation, validation_figure
 from workbench.errors import WorkbenchError
+from workbench.heads import random_head_sets
 from workbench.runner import run_analysis
 from workbench.types import Head, NeedleSample, NeedleSet
 
@@ -53,6 +50,11 @@ def copy_needles(model, n: int = 4) -> NeedleSet:
         out.append(NeedleSample(torch.tensor(ids), span, torch.tensor(needle[1:]),
                                 needle_text, "", text, 20.0 * i, len(ids)))  # fmt: skip
     return NeedleSet("copy", tuple(out))
+
+
+def random_sets(n_layers, n_heads, k, seeds):
+    every = [Head(la, h) for la in range(n_layers) for h in range(n_heads)]
+    return random_head_sets(every, k, len(seeds), seeds)
 
 
 def test_random_sets_are_seeded_nested_and_distinct():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.interventions import ablate_heads
+from workbench.forward.interventions import ablate_heads
 from workbench.metrics import logit_diff
 from workbench.runner import run_analysis
 from workbench.stats import random_rank

@@ -8,15 +8,11 @@ import pytest
 import torch
 
 from workbench.analyses.direct_logit_attribution import DLAParams
-from workbench.analyses.direct_logit_attribution.compute import (
-    attribute,
-    direct_logit_attribution,
-    final_components,
-    final_norm,
-)
+from workbench.analyses.direct_logit_attribution.compute import direct_logit_attribution
 from workbench.analyses.logit_lens import LogitLensParams
 from workbench.analyses.logit_lens.compute import lens_logits, logit_lens
 from workbench.errors import WorkbenchError
+from workbench.forward.unembed import attribute, final_components, final_norm
 from workbench.hooks import hook_name, hooked
 from workbench.metrics import logit_diff
 from workbench.models.loading import load_model

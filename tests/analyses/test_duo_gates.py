@@ -12,9 +12,9 @@ from workbench.analyses.duo_gates import ENTRY, DuoGateParams
 from workbench.analyses.duo_gates.compute import duo_gates, duo_hooks, duo_mix, stream_keep
 from workbench.circuits.kvplans import build_plan, kv_scores
 from workbench.errors import WorkbenchError
+from workbench.forward.streaming import native_windows
 from workbench.hooks import hook_name, record
 from workbench.runner import run_analysis
-from workbench.streaming import native_windows
 from workbench.tasks import build_task
 
 NEEDLE = {"context_lengths": [64], "depth_percents": [50], "n_needles": 2}

@@ -9,15 +9,15 @@ from collections import Counter
 import pytest
 import torch
 
-from workbench.analyses.intervention_eval import parse_heads
-from workbench.analyses.intervention_eval.compute import random_sets
-from workbench.attention_edits import calibrate_attention, steer_attention
 from workbench.errors import WorkbenchError
-from workbench.interventions import ablate_heads
+from workbench.forward.attention_edits import calibrate_attention, steer_attention
+from workbench.forward.interventions import ablate_heads
+from workbench.heads import parse_heads, random_head_sets
 from workbench.metrics import logit_diff
 from workbench.runner import run_analysis
 from workbench.stats import random_rank
 from workbench.tasks import build_task
+from workbench.types import Head
 
 HEADS = "L1H2, L0H3"
 
@@ -55,6 +55,12 @@ def test_chosen_condition_equals_plain_forwards(load, store, iv):
     pct, p = random_rank(cond.loc["chosen", "logit_diff"], rand)
     assert s.loc["logit_diff", "percentile"] == pytest.approx(pct)
     assert s.loc["logit_diff", "p_value"] == pytest.approx(p)
+
+
+def random_sets(model, chosen, n, pool, seed):
+    every = [Head(la, h) for la in range(model.n_layers) for h in range(model.n_heads)]
+    like = chosen if pool == "layer_matched" else None
+    return random_head_sets(every, len(chosen), n, seed, like=like)
 
 
 def test_random_sets_have_the_chosen_size_and_layers(load):

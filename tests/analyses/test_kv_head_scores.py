@@ -48,6 +48,7 @@ def test_equals_the_plain_loop_and_pools_per_kv_head(load, name):
         )
         block = heads[row.layer, row.kv_head * group : (row.kv_head + 1) * group]
         assert row.max == pytest.approx(block.max()) and row.mean == pytest.approx(block.mean())
+        assert row.sum == pytest.approx(block.sum())  # every pool kv_plan_eval's column accepts
 
 
 def test_the_trained_induction_head_ranks_first(load, store):

@@ -14,9 +14,10 @@ import pytest
 
 from workbench.analyses.kv_plan_eval import KVPlanEvalParams
 from workbench.analyses.kv_plan_eval.compute import _summary, evaluate
-from workbench.analyses.retrieval_heads.decode import greedy_answers
-from workbench.circuits.kvplans import KVPlan, save_plan
+from workbench.circuits.kvplans import save_plan
 from workbench.errors import WorkbenchError
+from workbench.forward.decode import greedy_answers
+from workbench.forward.plan import KVPlan
 from workbench.runner import run_analysis
 from workbench.tasks import build_task
 
@@ -104,7 +105,7 @@ def test_decode_mode_agrees_with_mask_mode(load):
 
 def test_sharing_the_prefix_across_plans_is_exact(load):
     from workbench.analyses.kv_plan_eval.compute import _mask_sample, _prefix, _reference
-    from workbench.analyses.retrieval_heads.decode import stop_ids
+    from workbench.forward.decode import stop_ids
 
     model = load("tiny-llama")
     sample = build_task("needle", model.codec, NEEDLES).samples[0]
@@ -122,7 +123,7 @@ def test_sharing_the_prefix_across_plans_is_exact(load):
 def _shared_vs_alone(model, sample, full, sink, window, p):
     from workbench.analyses.kv_plan_eval.compute import _mask_sample, _prefix, _reference
     from workbench.analyses.kv_plan_eval.shared import ContextRun, first_layer
-    from workbench.analyses.retrieval_heads.decode import stop_ids
+    from workbench.forward.decode import stop_ids
 
     plan = KVPlan(model.name, (model.n_layers, model.n_kv_heads), frozenset(full), sink, window)
     params = KVPlanEvalParams(scores_run="x", max_new_tokens=4)

@@ -25,9 +25,9 @@ from workbench.analyses.pasta_profile.highlight import (
     needle_batches,
     sentences,
 )
-from workbench.attention_edits import steer_attention
 from workbench.errors import WorkbenchError
-from workbench.head_sweep import final_logits, naive_sweep
+from workbench.forward.attention_edits import steer_attention
+from workbench.forward.head_sweep import final_logits, naive_sweep
 from workbench.runner import run_analysis
 from workbench.tasks import build_task
 from workbench.types import Head

@@ -12,16 +12,16 @@ import torch
 
 from workbench.analyses.retrieval_heads import RetrievalParams
 from workbench.analyses.retrieval_heads.compute import retrieval_heads
-from workbench.analyses.retrieval_heads.decode import (
+from workbench.analyses.retrieval_heads.faithful import faithful_scores
+from workbench.analyses.retrieval_heads.teacher_forced import fast_scores
+from workbench.errors import WorkbenchError
+from workbench.forward.answers import rouge1_recall, rouge_tokens
+from workbench.forward.decode import (
     ArgmaxRecorder,
     decode_sample,
     prefilled,
     stop_ids,
 )
-from workbench.analyses.retrieval_heads.faithful import faithful_scores
-from workbench.analyses.retrieval_heads.rouge import rouge1_recall, rouge_tokens
-from workbench.analyses.retrieval_heads.teacher_forced import fast_scores
-from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name, hooked
 from workbench.types import NeedleSample, NeedleSet
 

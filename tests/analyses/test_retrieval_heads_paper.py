@@ -159,7 +159,7 @@ def test_smollm2_spans_exact_and_the_authors_search_misses(smollm2):
     """Every shipped needle: the exact span reads " " + real_needle; the authors' search
     finds the first needle's span (a repeated " a" keeps its set overlap at 11/12) and none of
     the others (the first word without its space is another token)."""
-    from workbench.analyses.retrieval_heads.decode import sample_spans
+    from workbench.analyses.retrieval_heads.hits import sample_spans
     from workbench.tasks import build_task
 
     ns = build_task("needle", smollm2.codec, {"context_lengths": [300], "depth_percents": [50]})
@@ -191,7 +191,7 @@ def test_smollm2_fast_filter_drops_what_greedy_decoding_does_not_say(smollm2):
 
 
 def test_lookup_draft():
-    from workbench.analyses.retrieval_heads.decode import lookup_draft
+    from workbench.forward.decode import lookup_draft
 
     seq = [1, 2, 3, 4, 5, 9, 2, 3]
     assert lookup_draft(seq, 2) == [4, 5]  # after the latest earlier "2 3"

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from workbench.circuits.kvplans import KVPlan, build_plan, kv_scores
+from workbench.circuits.kvplans import build_plan, kv_scores
 from workbench.errors import WorkbenchError
+from workbench.forward.plan import KVPlan
 
 GRID = (10, 5)  # 50 KV heads
 RNG = np.random.default_rng(0)
@@ -180,3 +181,17 @@ def test_pool_kv_heads_pools_query_heads_per_kv_head():
     assert len(same) == 8 and (same["max"] == same["sum"]).all()
     with pytest.raises(WorkbenchError, match="do not split"):
         pool_kv_heads(heads, 3)
+
+
+def test_the_pooled_arrays_equal_the_pooled_table_and_old_tables_are_refused_in_one_line():
+    from workbench.circuits.kvplans import KV_POOLS, head_rows, pool_kv_heads
+
+    grid = np.arange(12.0).reshape(2, 6)
+    kv = pool_kv_heads(head_rows({"m": grid}), 3)
+    assert list(kv.columns) == ["layer", "kv_head", "metric", *KV_POOLS]
+    for col in KV_POOLS:
+        want = getattr(grid.reshape(2, 3, 2), col)(axis=-1)
+        np.testing.assert_allclose(kv_scores(kv, "m", (2, 3), col), want)
+    old = kv.drop(columns="sum")  # a kv_head_scores table stored before "sum" was written
+    with pytest.raises(WorkbenchError, match="no 'sum' column"):
+        kv_scores(old, "m", (2, 3), "sum")

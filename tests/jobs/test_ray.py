@@ -168,3 +168,30 @@ def test_a_part_whose_actor_dies_is_retried_on_a_fresh_actor(cluster, tmp_path):
     assert [o.status for o in out] == ["computed"]
     runs = store.list_runs()
     assert list(runs["run_id"]) == [part.run_id]
+
+
+def test_the_driver_finishes_each_computed_part_through_finish_part(cluster, tmp_path, monkeypatch):
+    """The actor computes; the driver stores the part and runs its after-store hook through the
+    runner's one ``finish_part``, once, after the one serve decision said compute; run again,
+    the stored part is served by that decision and nothing reaches the cluster."""
+    from tests.test_runner import count_finishes
+    from workbench.jobs.ray_pool import run_on_ray
+    from workbench.runner import RunRequest
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    calls = count_finishes(monkeypatch)
+    request = RunRequest("head_detectors", "tiny-llama", "induction", {}, {"seq_len": 8})
+    part = request.resolve()
+    store = ResultStore(tmp_path / "store")
+    out = run_on_ray([part], store, cluster.address, progress=False)
+    assert [o.status for o in out] == ["computed"] and store.has(part.run_id)
+    assert calls == {
+        "serve": [(part.run_id, None)],
+        "finish": [(part.run_id, "computed")],
+        "hook": [part.run_id],
+    }
+    for kind in calls.values():
+        kind.clear()
+    out = run_on_ray([part], store, "127.0.0.1:1", progress=False)  # never connects
+    assert [o.status for o in out] == ["stored"]
+    assert calls == {"serve": [(part.run_id, "stored")], "finish": [], "hook": []}

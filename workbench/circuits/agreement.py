@@ -7,12 +7,14 @@ attribution patching), and for any pair of stored per-head runs. Torch-free.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.stats import pearson, ranks
+from workbench.types import Agreement
 
 __all__ = ["agreement", "compare_runs"]
 
@@ -86,22 +88,21 @@ AGREEMENT = "attribution_agreement"
 from a model, so it is not in the analysis registry)."""
 
 
-def _declared(analysis: str) -> Any:
-    """The analysis's declared :class:`~workbench.types.Agreement`, or None."""
-    from workbench.registry import REGISTRY
-
-    entry = REGISTRY.get(analysis)
-    return entry.agreement if entry is not None else None
+Declared = Callable[[str], Agreement | None]
+"""``declared(analysis)``: that analysis's :class:`~workbench.types.Agreement` declaration, or
+None. The runner passes it to the after-store hook (``workbench.runner.finish_part``); callers
+above the registry build it from ``REGISTRY`` (this module never imports the registry)."""
 
 
-def find_counterpart(store: Any, result: Any) -> Any | None:
+def find_counterpart(store: Any, result: Any, declared: Declared) -> Any | None:
     """The newest stored run that ``result`` can be compared with: a run of the partner its
-    registry entry declares (``Analysis.agreement``), on the same model weights, prompts and
-    task, sharing the declared parameters, and comparable itself (``Agreement.accepts``)."""
-    mine = _declared(result.key["analysis"])
+    registry entry declares (``Analysis.agreement``, looked up with ``declared``), on the same
+    model weights, prompts and task, sharing the declared parameters, and comparable itself
+    (``Agreement.accepts``)."""
+    mine = declared(result.key["analysis"])
     if mine is None or not mine.accepts(result.key["params"]):
         return None
-    theirs = _declared(mine.partner)
+    theirs = declared(mine.partner)
     rows = store.list_runs(
         model=result.key["model"], analysis=mine.partner, task=result.key["task"]
     )
@@ -119,12 +120,13 @@ def find_counterpart(store: Any, result: Any) -> Any | None:
     return None
 
 
-def record_agreement(store: Any, run: Any, k: int = 10) -> str | None:
+def record_agreement(store: Any, run: Any, declared: Declared, k: int = 10) -> str | None:
     """Store the agreement of attribution patching with exact z patching when both runs exist.
 
     The after-store hook of both analyses (their registry entries' ``after_store``), called
     with the result just stored (``run``: a :class:`~workbench.result.Result`, or a run id to
-    read). The estimate and the reference are the roles their entries declare. The record
+    read) and ``declared``, the lookup of their ``Agreement`` declarations. The estimate and
+    the reference are the roles their entries declare. The record
     (analysis ``attribution_agreement``) holds the table ``agreement`` (one row:
     :func:`agreement` of the per-head effects, both run ids) and ``cells`` (layer, head,
     attribution, exact effect). Returns its run id, or None when there is no counterpart yet.
@@ -137,13 +139,15 @@ def record_agreement(store: Any, run: Any, k: int = 10) -> str | None:
     result = store.get(run) if isinstance(run, str) else run
     if result is None:
         return None
-    other = find_counterpart(store, result)
+    other = find_counterpart(store, result, declared)
     if other is None:
         return None
-    role = _declared(result.key["analysis"]).role
-    attr, exact = (result, other) if role == "estimate" else (other, result)
-    a = _declared(attr.key["analysis"]).effects(attr)
-    e = _declared(exact.key["analysis"]).effects(exact)
+    mine, theirs = declared(result.key["analysis"]), declared(other.key["analysis"])
+    assert mine is not None and theirs is not None  # find_counterpart found both declared
+    if mine.role == "estimate":
+        attr, exact, a, e = result, other, mine.effects(result), theirs.effects(other)
+    else:
+        attr, exact, a, e = other, result, theirs.effects(other), mine.effects(result)
     stats = agreement(a, e, k=k)
     key = RunKey(
         model=attr.key["model"],

@@ -2,10 +2,10 @@
 
 With ``M(S)`` the mean logit difference ``logit[correct] - logit[incorrect]`` on the clean
 prompts when every head *outside* ``S`` is mean-ablated (``z`` replaced by its mean over the
-reference prompts, per position: :func:`workbench.interventions.ablate_heads`). The reference
-is the corrupted prompt set by default (for IOI the ABC set, as Wang et al. mean-ablate over
-ABC); ``reference="clean"`` takes the mean over the clean prompts, which keeps task structure
-(on SmolLM2 IOI, keeping one head then already gives faithfulness 1.0):
+reference prompts, per position: :func:`~workbench.forward.interventions.ablate_heads`). The
+reference is the corrupted prompt set by default (for IOI the ABC set, as Wang et al.
+mean-ablate over ABC); ``reference="clean"`` takes the mean over the clean prompts, which
+keeps task structure (on SmolLM2 IOI, keeping one head then already gives faithfulness 1.0):
 
     faithfulness(C) = (M(C) - M({})) / (M(all heads) - M({}))
 
@@ -36,7 +36,7 @@ from torch import Tensor
 from workbench import metrics as M
 from workbench.circuits import run_scores, select_heads
 from workbench.errors import WorkbenchError
-from workbench.interventions import ablate_heads, reference_z
+from workbench.forward.interventions import ablate_heads, reference_z
 from workbench.types import Circuit, Derivation, Head, PromptSet, canonical_json
 
 if TYPE_CHECKING:

@@ -1,14 +1,8 @@
 """KV-cache plans from head scores (torch-free): which KV heads keep their whole cache.
 
-A :class:`KVPlan` gives every KV head ``(layer, kv_head)`` of a model one policy: ``full`` (the
-whole KV cache), or ``stream``: ``sink`` initial tokens, the ``window`` most recent ones and, with
-``compensation``, one extra token holding the mean key and value of those dropped (RazorAttention).
-For a context of ``N`` tokens a KV head caches ``N`` (full) or ``min(N, sink + window + c)``
-(``c`` = 1 with compensation), and the plan's
-
-``kv_fraction(N) = sum_g cache_g(N) / (n_kv_heads * N)``
-
-(the budget accounting of ``../shared/reference/metrics.md``). Rules over per-KV-head scores
+A :class:`~workbench.forward.plan.KVPlan` gives every KV head ``full`` or ``stream`` (sink +
+window, with or without a compensation token); its ``kv_fraction(N)`` is the budget accounting
+of the definitions page (``docs/definitions.md``). Rules over per-KV-head scores
 (``scores[l, g]``, e.g. the ``kv_heads`` table of ``kv_head_scores``, max-pooled):
 
 - ``razor``: the top ``induction_share`` (14 %) of KV heads by induction and the top
@@ -21,169 +15,25 @@ For a context of ``N`` tokens a KV head caches ``N`` (full) or ``min(N, sink + w
   give the stated share);
 - ``budget``: the most heads in score order such that ``kv_fraction(N) <= budget``.
 
-NaN scores are never chosen; ties go by (layer, kv_head). A plan is hashable, has a content id
-(``plan_id``) and provenance (rule, parameters, source runs), and round-trips through JSON
-(:meth:`KVPlan.to_json`) so a serving stack can read which heads to keep.
+NaN scores are never chosen; ties go by (layer, kv_head). Each plan records its provenance
+(rule, parameters, source runs).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.types import canonical_json, sha256_hex
+from workbench.forward.plan import KVPlan
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RULES = ("razor", "top_k", "threshold", "quantile", "budget")
-PLAN_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class KVPlan:
-    """Full KV heads plus the stream policy of the others (module docstring)."""
-
-    model: str
-    grid: tuple[int, int]  # (n_layers, n_kv_heads)
-    full: frozenset[tuple[int, int]]
-    sink: int = 4
-    window: int = 256
-    compensation: bool = True
-    weighted: bool = True  # the compensation token counts as the number of keys it replaces
-    native: tuple[tuple[int, int], ...] = ()  # (layer, window) the model itself slides
-    rule: str = ""
-    params: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
-    sources: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        n_layers, n_kv = self.grid
-        bad = [h for h in self.full if not (0 <= h[0] < n_layers and 0 <= h[1] < n_kv)]
-        if bad:
-            raise WorkbenchError(
-                f"KV plan: heads {sorted(bad)[:3]} outside the {n_layers} x {n_kv} grid",
-                "build the plan from this model's scores",
-            )
-        if self.sink < 0 or self.window < 1:
-            raise WorkbenchError(
-                f"KV plan: sink must be >= 0 and window >= 1 (got {self.sink}, {self.window})",
-                "e.g. sink 4, window 256",
-            )
-        native = {lay for lay, _ in self.native}
-        streamed = {lay for lay in native for g in range(n_kv) if (lay, g) not in self.full}
-        if streamed:
-            raise WorkbenchError(
-                f"KV plan streams layer {min(streamed)}, which the model already slides",
-                "keep natively sliding layers full (build_plan does)",
-            )
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    def cache(self, head: tuple[int, int], n: int) -> int:
-        """Tokens KV head ``head`` keeps for a context of ``n`` tokens."""
-        native = dict(self.native).get(head[0])
-        if native is not None:
-            return min(n, native)
-        if head in self.full:
-            return n
-        return min(n, self.sink + self.window + int(self.compensation))
-
-    @property
-    def streamable(self) -> list[tuple[int, int]]:
-        """KV heads a plan may choose between full and stream (not natively sliding)."""
-        native = {lay for lay, _ in self.native}
-        return [
-            (lay, g)
-            for lay in range(self.grid[0])
-            for g in range(self.grid[1])
-            if lay not in native
-        ]
-
-    @property
-    def n_full(self) -> int:
-        """Full KV heads the plan chose (natively sliding layers not counted)."""
-        native = {lay for lay, _ in self.native}
-        return sum(1 for h in self.full if h[0] not in native)
-
-    def policy(self, head: tuple[int, int]) -> str:
-        if head[0] in dict(self.native):
-            return "native"
-        return "full" if head in self.full else "stream"
-
-    def replace(self, full: Iterable[tuple[int, int]], rule: str, **params: Any) -> KVPlan:
-        """The same stream policy with another set of full heads (native layers kept full)."""
-        native = {(lay, g) for lay, _ in self.native for g in range(self.grid[1])}
-        return KVPlan(
-            self.model, self.grid, frozenset(set(full) | native), self.sink, self.window,
-            self.compensation, self.weighted, self.native, rule, params, self.sources,
-        )  # fmt: skip
-
-    def kv_fraction(self, n: int) -> float:
-        """``sum_g cache_g(n) / (n_kv_heads * n)``."""
-        if n < 1:
-            raise WorkbenchError(
-                f"kv_fraction needs a context of >= 1 token, got {n}", "use N >= 1"
-            )
-        heads = [(lay, g) for lay in range(self.grid[0]) for g in range(self.grid[1])]
-        return sum(self.cache(h, n) for h in heads) / (self.n_kv_heads * n)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": PLAN_FORMAT,
-            "model": self.model,
-            "grid": list(self.grid),
-            "full": sorted([list(h) for h in self.full]),
-            "stream": {
-                "sink": self.sink,
-                "window": self.window,
-                "compensation": self.compensation,
-                "weighted": self.weighted,
-            },
-            "native": [list(x) for x in self.native],
-            "rule": self.rule,
-            "params": dict(self.params),
-            "sources": list(self.sources),
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
-
-    @property
-    def plan_id(self) -> str:
-        return sha256_hex("workbench.kvplan", canonical_json(self.to_dict()))[:16]
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> KVPlan:
-        try:
-            stream = d["stream"]
-            return cls(
-                model=str(d["model"]),
-                grid=(int(d["grid"][0]), int(d["grid"][1])),
-                full=frozenset((int(a), int(b)) for a, b in d["full"]),
-                sink=int(stream["sink"]),
-                window=int(stream["window"]),
-                compensation=bool(stream["compensation"]),
-                weighted=bool(stream.get("weighted", True)),
-                native=tuple((int(a), int(b)) for a, b in d.get("native", ())),
-                rule=str(d.get("rule", "")),
-                params=dict(d.get("params", {})),
-                sources=tuple(str(s) for s in d.get("sources", ())),
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise WorkbenchError(f"malformed KV plan JSON ({e})", "write it with to_json") from None
-
-    def __str__(self) -> str:
-        native = f", {len(self.native)} layers slide natively" if self.native else ""
-        comp = " + compensation" if self.compensation else ""
-        return (
-            f"KVPlan({self.model}, {self.n_full} of {len(self.streamable)} KV heads full{native}, "
-            f"stream sink {self.sink} + window {self.window}{comp}, rule {self.rule or '-'})"
-        )
 
 
 def _order(scores: np.ndarray) -> list[tuple[int, int]]:
@@ -199,33 +49,62 @@ def kv_scores(kv_table: Any, metric: str, grid: tuple[int, int], column: str = "
     rows = kv_table[kv_table["metric"] == metric]
     if rows.empty:
         raise WorkbenchError(f"no KV-head scores of '{metric}'", "run kv_head_scores first")
+    if column not in rows.columns:
+        raise WorkbenchError(
+            f"the KV-head scores have no '{column}' column (a run stored before it was written)",
+            f"use one of {', '.join(c for c in KV_POOLS if c in rows.columns)}, or run the "
+            "scores again",
+        )
     mat = np.full(grid, np.nan)
     mat[rows["layer"].to_numpy(), rows["kv_head"].to_numpy()] = rows[column].to_numpy()
     return mat
 
 
-def pool_kv_heads(heads: Any, n_kv_heads: int, axis: str = "head") -> Any:
-    """A ``kv_heads`` table (layer, kv_head, metric, max, mean, sum) from a per-head table
-    (layer, head, metric, value) of query heads (``axis`` "head": KV head ``g`` pools query
-    heads ``g * group .. (g + 1) * group - 1``) or of KV heads already (``axis`` "kv_head")."""
+KV_POOLS = ("max", "mean", "sum")
+"""The columns of a ``kv_heads`` table: a metric pooled over the query heads of a KV head."""
+
+
+def head_rows(scores: Mapping[str, Any]) -> pd.DataFrame:
+    """A per-head table (layer, head, metric, value) of ``scores[metric]``, ``[n_layers, n]``
+    arrays (query heads, or KV heads), for :func:`pool_kv_heads`."""
+    import pandas as pd
+
+    frames = []
+    for metric, values in scores.items():
+        grid = np.asarray(values, dtype=float)
+        layer, head = np.divmod(np.arange(grid.size), grid.shape[1])
+        frames.append(pd.DataFrame({"layer": layer, "head": head, "metric": metric,
+                                    "value": grid.ravel()}))  # fmt: skip
+    return pd.concat(frames, ignore_index=True)
+
+
+def pool_kv_heads(
+    heads: Any, n_kv_heads: int, axis: str = "head", n_heads: int | None = None
+) -> pd.DataFrame:
+    """The ``kv_heads`` table (layer, kv_head, metric, max, mean, sum) of a per-head table
+    (layer, head, metric, value): of query heads (``axis`` "head": KV head ``g`` pools query
+    heads ``g * group .. (g + 1) * group - 1``, ``group = n_heads / n_kv_heads``, ``n_heads``
+    the table's by default; NaN values left out) or of KV heads already (``axis`` "kv_head":
+    max = mean = sum = the value). The one pooling every KV-head table is built with
+    (:func:`head_rows` turns score arrays into its input)."""
     import pandas as pd
 
     rows = heads.dropna(subset=["value"])
     if axis == "kv_head":
         out = rows.assign(kv_head=rows["head"], max=rows["value"], mean=rows["value"],
                           sum=rows["value"])  # fmt: skip
-        return out[["layer", "kv_head", "metric", "max", "mean", "sum"]].reset_index(drop=True)
+        return out[["layer", "kv_head", "metric", *KV_POOLS]].reset_index(drop=True)
     if axis != "head":
         raise WorkbenchError(
             f"per-layer scores ({axis}) cannot rank KV heads", "use a per-head run"
         )
-    n_heads = int(rows["head"].max()) + 1
+    n_heads = int(rows["head"].max()) + 1 if n_heads is None else n_heads
     if n_heads % n_kv_heads:
         raise WorkbenchError(f"{n_heads} query heads do not split into {n_kv_heads} KV heads",
                              "check the model")  # fmt: skip
     group = n_heads // n_kv_heads
     g = rows.assign(kv_head=rows["head"] // group)
-    agg = g.groupby(["layer", "kv_head", "metric"])["value"].agg(["max", "mean", "sum"])
+    agg = g.groupby(["layer", "kv_head", "metric"])["value"].agg(list(KV_POOLS))
     return pd.DataFrame(agg.reset_index())
 
 

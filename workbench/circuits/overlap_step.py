@@ -131,15 +131,13 @@ def _parse_selector(sel: str) -> tuple[str, str | None, str]:
 
 
 def _find_run(outcomes: list[PartOutcome], model: str, sel: str) -> tuple[str, str | None]:
-    from workbench.registry import get_analysis
-
     analysis, metric, task = _parse_selector(sel)
     hits = [
         o.run_id
         for o in outcomes
         if o.request.model == model
         and o.request.analysis == analysis
-        and (o.request.task or get_analysis(analysis).default_task) == task
+        and o.part.task == task  # resolved: the request's task or the entry's default
     ]
     if len(hits) != 1:
         raise WorkbenchError(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from workbench.edges.common import EdgeScores
 
 RULES = ("top_n", "greedy")
-Rule = Literal["top_n", "greedy"]
 Component = tuple[str, int, int]  # ("embed"|"head"|"mlp"|"logits", layer, head)
 EMBED: Component = ("embed", -1, -1)
 LOGITS: Component = ("logits", -1, -1)

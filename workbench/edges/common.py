@@ -23,6 +23,7 @@ from torch import Tensor
 from workbench import metrics as M
 from workbench.edges.graph import EdgeGraph, GraphEdge
 from workbench.errors import WorkbenchError
+from workbench.forward.unembed import Norm, original
 from workbench.hooks import hook_name, hooked, model_lock
 
 if TYPE_CHECKING:
@@ -99,8 +100,8 @@ def receiver_hooks(n_layers: int) -> list[tuple[str, str, int]]:
     out = []
     for layer in range(n_layers):
         for kind in ("q", "k", "v"):
-            out.append((f"blocks.{layer}.attn.hook_{kind}_input", kind, layer))
-        out.append((f"blocks.{layer}.hook_mlp_in", "mlp", layer))
+            out.append((hook_name(f"{kind}_input", layer), kind, layer))
+        out.append((hook_name("mlp_in", layer), "mlp", layer))
     out.append((hook_name("resid_post", n_layers - 1), "logits", n_layers - 1))
     return out
 
@@ -110,24 +111,18 @@ def sender_points(n_layers: int) -> list[tuple[str, int]]:
     return [("resid_pre", 0), *((k, la) for la in range(n_layers) for k in ("z", "mlp_out"))]
 
 
-def _original(component: Any) -> Any:
-    return getattr(component, "original_component", component)
-
-
 def head_contributions(
     model: LoadedModel, layer: int, z: Float[Tensor, "batch pos n_heads d_head"]
 ) -> Float[Tensor, "batch n_heads pos d_model"]:
     """Each head's contribution ``z_h @ W_O[h]`` of ``layer``, through Gemma 3's post-attention
     norm with the run's own scale frozen: ``(z_h @ W_O[h]) * s * (1 + w)``,
     ``s = 1 / sqrt(mean((sum_h z_h @ W_O[h] + b_O)^2) + eps)`` per prompt and position."""
-    from workbench.analyses.direct_logit_attribution.compute import Norm
-
     block = model.bridge.blocks[layer]
     w_o = block.attn.W_O.detach().float()
     heads = torch.einsum("bphd,hdm->bhpm", z.float(), w_o)
     post = getattr(block, "ln1_post", None)
     if post is not None:
-        norm = Norm.of(_original(post))
+        norm = Norm.of(original(post))
         b_o = getattr(block.attn, "b_O", None)
         total = heads.sum(1) + (b_o.detach().float() if b_o is not None else 0.0)
         heads = norm.frozen(heads, norm.scale(total)[:, None])

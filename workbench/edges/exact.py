@@ -11,7 +11,7 @@ estimate equals it). ``a_u`` is the sender's contribution (:mod:`workbench.edges
 Gemma 3 with each run's own post-attention norm scale frozen).
 
 One forward per edge, resumed at the receiver's layer from the clean run
-(:class:`~workbench.analyses.activation_patching.resume.ResumableRun`): blocks below the receiver
+(:class:`~workbench.forward.resume.ResumableRun`): blocks below the receiver
 are unchanged, so the run starts from the clean ``resid_pre[l]``; edges of many layers share a
 batch (``run_wave``); the hook of receiver ``v`` (``attn.hook_q_input`` / ``hook_k_input`` /
 ``hook_v_input`` at head ``h`` under :func:`~workbench.edges.common.split_inputs`, or
@@ -45,12 +45,13 @@ from workbench.edges.common import (
 )
 from workbench.edges.graph import EdgeGraph, GraphEdge, edge_graph, resolve
 from workbench.errors import WorkbenchError
-from workbench.hooks import hooked
+from workbench.forward.components import first_diff_position
+from workbench.forward.resume import ResumableRun
+from workbench.hooks import hook_name, hooked
 from workbench.models.backend import fast_linears
 from workbench.progress import steps
 
 if TYPE_CHECKING:
-    from workbench.analyses.activation_patching.resume import ResumableRun
     from workbench.models.loading import LoadedModel
     from workbench.types import PromptSet
 
@@ -59,9 +60,7 @@ Patch = tuple[int, int, Tensor]  # (variant within the layer's entering rows, he
 
 def _receiver_hook(edge: GraphEdge) -> str:
     r = edge.receiver
-    if r.kind == "mlp":
-        return f"blocks.{r.layer}.hook_mlp_in"
-    return f"blocks.{r.layer}.attn.hook_{r.kind}_input"
+    return hook_name("mlp_in" if r.kind == "mlp" else f"{r.kind}_input", r.layer)
 
 
 def _adder(patches: Sequence[Patch], entering: int, n: int) -> Callable[..., Tensor]:
@@ -99,9 +98,6 @@ def exact_edge_patching(
     None) alone, per prompt (module docstring). Waves hold at most ``batch_tokens`` recomputed
     tokens (rows x positions). ``info``: the clean and corrupted mean metric, the forwards run
     (in units of full forwards of the prompts) and the first recomputed position."""
-    from workbench.analyses.activation_patching.compute import first_diff_position
-    from workbench.analyses.activation_patching.resume import ResumableRun
-
     check_metric(metric)
     check_prompts(prompts)
     if batch_tokens < 1:

@@ -301,6 +301,8 @@ def _ac_src(s: Sender) -> str:
 
 
 def _ac_module(graph: EdgeGraph, r: Receiver) -> str:
+    """auto-circuit's module name of a receiver (HookedTransformer's names, not the bridge's:
+    a name in that tool's file format, never a hook of ours)."""
     if r.kind == "logits":
         return f"blocks.{graph.n_layers - 1}.hook_resid_post"
     return f"blocks.{r.layer}.hook_{'mlp_in' if r.kind == 'mlp' else r.kind + '_input'}"

@@ -5,11 +5,12 @@ part, from the spec), each keeping its models loaded between parts (a
 :class:`~workbench.runner.ModelPool`). An actor resolves the part's request, checks it has the
 driver's run id (same code and library versions), computes it, and sends the tables back as
 Arrow tables with the run's facts; the driver alone writes them to its results store, through
-the store's atomic protocol, and runs the after-store hooks. Inputs an analysis reads from the
-store are read by the driver and sent along. Progress from every actor goes to one progress
-actor the driver shows. A part that fails for any reason but a :class:`WorkbenchError` (a bad
-input, which would fail again) is retried once on a fresh actor, then reported; the driver
-raises one WorkbenchError naming the first failure after every part has ended.
+:func:`workbench.runner.finish_part` (the store's atomic protocol, then the after-store hook),
+as every other path does. Inputs an analysis reads from the store are read by the driver and
+sent along. Progress from every actor goes to one progress actor the driver shows. A part that
+fails for any reason but a :class:`WorkbenchError` (a bad input, which would fail again) is
+retried once on a fresh actor, then reported; the driver raises one WorkbenchError naming the
+first failure after every part has ended.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from workbench.errors import WorkbenchError
@@ -164,7 +166,7 @@ def _run(
     from tqdm.auto import tqdm
 
     from workbench.jobs.queue import request_json
-    from workbench.runner import PartOutcome, part_inputs
+    from workbench.runner import PartOutcome, finish_part, part_inputs
 
     Progress, PartWorker = _actor_classes(ray)
     tracker = Progress.remote()
@@ -221,13 +223,15 @@ def _run(
                         continue
                     idle.append((handle, node))
                     tables = {name: t.to_pandas() for name, t in arrow.items()}
-                    result = store.put(part.key, tables, info, seconds=seconds)
-                    if not result.from_store and part.entry.after_store is not None:
-                        part.entry.after_store(store, result)
-                    status = "stored" if result.from_store else "computed"
-                    outcomes[part.run_id] = PartOutcome(
-                        part, status, seconds, result if read else None
-                    )
+                    # the driver's side of the part: stored and its hook run by the runner's
+                    # one finish_part (serve_stored already asked whether it may be served)
+                    outcome = finish_part(
+                        part, store, _computed(tables, info), read=read, serve=False,
+                        seconds=seconds,
+                    )  # fmt: skip
+                    if not read:  # the tables are not kept unless asked for
+                        outcome = replace(outcome, result=None)
+                    outcomes[part.run_id] = outcome
                     bar.update(1)
                     if on_result is not None:
                         on_result(outcomes[part.run_id])
@@ -235,3 +239,8 @@ def _run(
                 ray.kill(handle)
     finally:
         bar.close()
+
+
+def _computed(tables: dict[str, Any], info: dict[str, Any]) -> Callable[[], tuple[Any, Any]]:
+    """An actor's computed part as the ``compute`` that ``finish_part`` calls."""
+    return lambda: (tables, info)

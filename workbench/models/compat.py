@@ -4,12 +4,12 @@ transformers 5.24 renamed the decoder layers' cache keyword ``past_key_values`` 
 (a ``deprecate_kwarg`` shim on the layers' ``forward``). TransformerLens 4.3's
 ``AttentionBridge._update_kv_cache`` (the one place every bridge attention updates the HF KV
 cache) still looks only for ``past_key_values`` / ``layer_past``, finds neither, and never
-writes the cache: every cached decoding step then attends to itself alone
-(``../shared/reference/upstream.md``). :func:`install` wraps that method so a cache passed as
-``cache`` is used too. On transformers < 5.24 the keyword never appears and the wrapper only
+writes the cache: every cached decoding step then attends to itself alone (``docs/install.md``,
+"transformers 5.24 and the compat shim"). :func:`install` wraps that method so a cache passed
+as ``cache`` is used too. On transformers < 5.24 the keyword never appears and the wrapper only
 forwards the call.
 
-Nothing here is trusted: :mod:`workbench.models.selfcheck` compares cached decoding and the
+Nothing here is trusted: :mod:`workbench.forward.selfcheck` compares cached decoding and the
 patching engine's resumed runs against full forwards on every loaded model, with or without
 these workarounds. ``WORKBENCH_COMPAT=off`` leaves the libraries untouched (to see a break as
 upstream ships it).

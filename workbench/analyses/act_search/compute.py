@@ -5,7 +5,7 @@
    alone (``attention_edits``: sink columns ``s_j > tau`` except the first scaled by ``beta``,
    the freed mass given back in proportion) and each prompt scored (``scoring``: correct iff
    gold beats every other answer choice; gold's log-prob among the choices). All heads run
-   batched through :func:`workbench.head_sweep.sweep_heads` (each resumes at its layer from
+   batched through :func:`workbench.forward.head_sweep.sweep_heads` (each resumes at its layer from
    one unmodified run per length group), never one forward per head.
 2. **Noise floor.** The heads kept are those passing ``scoring.noise_floor``'s paired-bootstrap
    rule (accuracy gain > 0; accuracy gain negative in at most ``alpha`` of the ``n_boot``
@@ -46,6 +46,7 @@ from workbench.analyses.act_search.scoring import (
     score_prompts,
 )
 from workbench.errors import WorkbenchError
+from workbench.heads import random_head_sets
 from workbench.progress import steps
 from workbench.stats import random_rank
 from workbench.types import AnalysisOutput, Head, HeadMetric, PromptGroups, PromptSet
@@ -112,15 +113,6 @@ def score_groups(
     return torch.cat(bases), torch.cat(outs, dim=1), cost
 
 
-def random_sets(scope: Sequence[Head], k: int, n: int, seed: int) -> list[list[Head]]:
-    """``n`` uniform random ``k``-subsets of ``scope`` (seeded)."""
-    rng = np.random.default_rng(seed)
-    return [
-        sorted(scope[int(i)] for i in rng.choice(len(scope), size=k, replace=False))
-        for _ in range(n)
-    ]
-
-
 SPLIT_TASKS = ("label_choice", "knowledge_conflict")
 """Eval tasks with a select/test split: evaluated on ``test`` unless calibrated on it."""
 
@@ -161,7 +153,7 @@ def act_search(
     rule = noise_floor(d_acc, d_lp, params.n_boot, params.alpha, params.seed)
     chosen = [h for h, keep in zip(scope, rule["chosen"], strict=True) if keep]
     t2 = time.perf_counter()
-    randoms = random_sets(scope, len(chosen), params.n_random, params.seed) if chosen else []
+    randoms = random_head_sets(scope, len(chosen), params.n_random, params.seed) if chosen else []
     ev, ev_info = evaluate(model, prompts, params, scope, chosen, randoms)
     t3 = time.perf_counter()
     search = pd.DataFrame({
@@ -307,4 +299,4 @@ def summarize(ev: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
-__all__ = ["SCORES", "act_search", "eval_task_params", "evaluate", "random_sets", "summarize"]
+__all__ = ["SCORES", "act_search", "eval_task_params", "evaluate", "summarize"]

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from workbench.analyses.activation_patching.resume import ResumableRun
-from workbench.attention_edits import act_edit
-from workbench.head_sweep import sweep_heads
+from workbench.forward.attention_edits import act_edit
+from workbench.forward.head_sweep import sweep_heads
+from workbench.forward.resume import ResumableRun
 from workbench.types import Head, PromptSet
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def answer_choices(ps: PromptSet) -> tuple[Tensor, Tensor]:
 
 def choice_metric(choices: Tensor, valid: Tensor) -> Any:
     """``logits[rows, vocab] -> [rows, 3]`` (margin, logprob, vocab_logprob); row ``r`` is
-    prompt ``r % n``, as :func:`~workbench.head_sweep.sweep_heads` orders a wave."""
+    prompt ``r % n``, as :func:`~workbench.forward.head_sweep.sweep_heads` orders a wave."""
     n = int(choices.shape[0])
 
     def metric(logits: Tensor) -> Tensor:

@@ -10,11 +10,10 @@ from typing import Any, Literal
 
 from workbench.circuits.agreement import record_agreement
 from workbench.errors import WorkbenchError
+from workbench.hooks import HEAD_COMPONENTS, KV_COMPONENTS
 from workbench.types import METRICS, Agreement, Analysis, Metric
 
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern")
-HEAD_COMPONENTS = ("z", "q", "pattern")  # indexed by query head
-KV_COMPONENTS = ("k", "v")  # indexed by KV head
 
 
 @dataclass(frozen=True)

@@ -35,25 +35,19 @@ from workbench.analyses.activation_patching import (
     ActivationPatchingParams,
     head_axis,
 )
-from workbench.analyses.activation_patching.components import layer_indices, n_head_slots
 from workbench.analyses.activation_patching.reference import reference_sweep
-from workbench.analyses.activation_patching.resume import ResumableRun, fast_sweep, run_fallbacks
 from workbench.errors import WorkbenchError
+from workbench.forward.components import first_diff_position, layer_indices, n_head_slots
+from workbench.forward.resume import ResumableRun, fast_sweep, run_fallbacks
+from workbench.forward.selfcheck import require
 from workbench.models.backend import fast_linears
-from workbench.models.selfcheck import require
 from workbench.stats import mean_stderr
 from workbench.types import AnalysisOutput, HeadMetric, PromptSet
 
 if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
 
-__all__ = ["ActivationPatchingParams", "activation_patching", "first_diff_position"]
-
-
-def first_diff_position(clean: Tensor, corrupt: Tensor) -> int:
-    """First position where any prompt's clean and corrupted tokens differ (seq_len if none)."""
-    diff = (clean != corrupt).any(0)
-    return int(diff.nonzero()[0, 0]) if bool(diff.any()) else int(clean.shape[1])
+__all__ = ["ActivationPatchingParams", "activation_patching"]
 
 
 def _check_inputs(model: LoadedModel, prompts: PromptSet, params: ActivationPatchingParams) -> None:

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from workbench.analyses.activation_patching.components import Index, write_patch
+from workbench.forward.components import Index, write_patch
 from workbench.hooks import hook_name, hooked
 
 if TYPE_CHECKING:

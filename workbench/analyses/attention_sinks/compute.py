@@ -20,7 +20,7 @@ a BOS token follows the run's BOS policy; ``info["position_0"]`` says which it i
 (``alpha_1 > epsilon``); ``first_token_importance`` = mean ``alpha_1``. **Hidden sinks** (Yu et
 al. 2024): every (sample, layer, head, position) with ``alpha_k > epsilon`` except the head's
 first such position (normally the first token), with the token string: ACT's sink set, by the
-same rule (``workbench.attention_edits.sink_set``), so calibration acts on exactly these
+same rule (``workbench.forward.attention_edits.sink_set``), so calibration acts on exactly these
 columns; only positions seen by at least ``hidden_min_queries`` queries are listed (the last
 positions have ``alpha_k`` averaged over very few queries; ``alpha_T = A[T, T]``).
 
@@ -61,8 +61,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.analyses.attention_sinks import SinkParams
-from workbench.attention_edits import sink_set
 from workbench.errors import WorkbenchError
+from workbench.forward.attention_edits import sink_set
 from workbench.hooks import hook_name, hooked, kv_group
 from workbench.stats import mean_stderr
 from workbench.types import AnalysisOutput, HeadMetric, PromptSet

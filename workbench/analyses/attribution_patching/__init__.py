@@ -7,9 +7,7 @@ from typing import Any, Literal
 
 from workbench.circuits.agreement import record_agreement
 from workbench.errors import WorkbenchError
-from workbench.types import METRICS, Agreement, Analysis
-
-DIRECTIONS = ("denoising", "noising")
+from workbench.types import DIRECTIONS, METRICS, Agreement, Analysis
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,14 @@ per-head score ``s[l, h]`` (ranked by ``s`` or ``|s|``; NaN cells never chosen),
   seed is a fixed permutation cut at ``k``, so a seed's sets are nested across ``k``;
 - ``none`` (``k = 0``): the unablated model, once.
 
-Ablation is :func:`workbench.interventions.ablate_heads` on ``hook_z`` (``zero``, or ``mean``:
-per position over the task's clean prompts; for needle tasks over the positions of the first
-context). The task metric, per prompt, then mean and standard error:
+Ablation is :func:`~workbench.forward.interventions.ablate_heads` on ``hook_z`` (``zero``, or
+``mean``: per position over the task's clean prompts; for needle tasks over the positions of
+the first context). The task metric, per prompt, then mean and standard error:
 
 - prompt tasks: ``logit[correct] - logit[incorrect]`` at the final position
   (:func:`workbench.metrics.logit_diff`);
 - needle tasks: ROUGE-1 recall of the greedy answer against ``real_needle``
-  (:func:`workbench.analyses.retrieval_heads.decode.greedy_answers`).
+  (:func:`workbench.forward.decode.greedy_answers`).
 
 Output table ``validation``: ``k, set, seed, metric, value, stderr, n, heads``;
 :func:`validation_figure` draws the metric against ``k``, top vs random mean +- sd.
@@ -25,7 +25,6 @@ Output table ``validation``: ``k, set, seed, metric, value, stderr, n, heads``;
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,9 +35,10 @@ from workbench import metrics as M
 from workbench.analyses.causal_validation import ValidationParams
 from workbench.circuits import select_heads
 from workbench.errors import WorkbenchError
-from workbench.interventions import ablate_heads, reference_z
+from workbench.forward.interventions import ablate_heads, reference_z
+from workbench.forward.selfcheck import require
+from workbench.heads import every_head, random_head_sets
 from workbench.models.backend import on_fast_linears
-from workbench.models.selfcheck import require
 from workbench.stats import mean_stderr
 from workbench.types import AnalysisOutput, Head, NeedleSet, PromptSet
 
@@ -46,15 +46,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from workbench.models.loading import LoadedModel
-
-
-def random_sets(n_layers: int, n_heads: int, k: int, seeds: Sequence[int]) -> list[list[Head]]:
-    """Per seed: the first ``k`` of ``default_rng(seed).permutation(n_layers * n_heads)``."""
-    out = []
-    for seed in seeds:
-        flat = np.random.default_rng(seed).permutation(n_layers * n_heads)[:k]
-        out.append([Head(int(i // n_heads), int(i % n_heads)) for i in flat])
-    return out
 
 
 Reference = tuple[Tensor, dict[int, Tensor] | None]
@@ -98,7 +89,7 @@ def _needle_values(
     params: ValidationParams,
     reference: Reference,
 ) -> np.ndarray:
-    from workbench.analyses.retrieval_heads.decode import greedy_answers
+    from workbench.forward.decode import greedy_answers
 
     tokens, acts = reference
     with ablate_heads(
@@ -143,7 +134,7 @@ def causal_validation(
             f"use ks <= {n_scored}",
         )
     if isinstance(prompts, NeedleSet):
-        from workbench.analyses.retrieval_heads.decode import check_samples
+        from workbench.forward.decode import check_samples
 
         check_samples(model, prompts.samples)
         checks = require(model, "kv_cache")
@@ -177,9 +168,8 @@ def causal_validation(
     add(0, "none", None, [])
     for k in sorted(set(params.ks)):
         add(k, "top", None, ranked[:k])
-        for seed, heads in zip(
-            seeds, random_sets(model.n_layers, model.n_heads, k, seeds), strict=True
-        ):
+        every = every_head(model.n_layers, model.n_heads)
+        for seed, heads in zip(seeds, random_head_sets(every, k, len(seeds), seeds), strict=True):
             add(k, "random", seed, heads)
     table = pd.DataFrame(rows)
     return AnalysisOutput(

@@ -43,10 +43,11 @@ import torch
 from torch import Tensor
 
 from workbench.analyses.conflict_heads import ConflictHeadsParams
-from workbench.analyses.direct_logit_attribution.compute import attribute, final_components
-from workbench.analyses.path_patching.resumed import base_runs, logits_receiver_sweep
 from workbench.errors import WorkbenchError
-from workbench.head_sweep import sweep_heads, zero_edit
+from workbench.forward.head_sweep import sweep_heads, zero_edit
+from workbench.forward.paths import base_runs, logits_receiver_sweep
+from workbench.forward.unembed import attribute, final_components
+from workbench.heads import every_head
 from workbench.metrics import logit_diff
 from workbench.stats import mean_stderr, random_rank
 from workbench.types import AnalysisOutput, Head, HeadMetric, PromptGroups, PromptSet
@@ -89,7 +90,7 @@ def _knows(model: LoadedModel, ps: PromptSet) -> np.ndarray:
 
 
 def _all_heads(model: LoadedModel) -> list[Head]:
-    return [Head(la, h) for la in range(model.n_layers) for h in range(model.n_heads)]
+    return every_head(model.n_layers, model.n_heads)
 
 
 def _scores(model: LoadedModel, ps: PromptSet, params: ConflictHeadsParams) -> dict[str, Any]:
@@ -135,7 +136,7 @@ def _rates(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Memory and context rates with each variant zero-ablated (``[V]`` each), and the
     unablated rates, over the prompts of ``sets``."""
-    from workbench.analyses.activation_patching.resume import ResumableRun
+    from workbench.forward.resume import ResumableRun
 
     mem, ctx, n = np.zeros(len(variants)), np.zeros(len(variants)), 0
     base_m = base_c = 0.0

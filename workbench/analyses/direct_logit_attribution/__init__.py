@@ -6,13 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from workbench.errors import WorkbenchError
+from workbench.params import check_batch
 from workbench.types import Analysis
-
-
-def check_batch(name: str, batch_size: int) -> None:
-    if batch_size < 1:
-        raise WorkbenchError(f"{name}: batch_size must be >= 1", "set batch_size = 8")
 
 
 @dataclass(frozen=True)

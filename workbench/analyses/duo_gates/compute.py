@@ -38,7 +38,7 @@ seconds since training began. The gradient reaches the gates only: the model's p
 through ``S`` and ``V``.
 
 Layers the model already slides natively (Gemma 3's local layers,
-:func:`workbench.streaming.native_windows`) get no gate: NaN in the output, never trained.
+:func:`workbench.forward.streaming.native_windows`) get no gate: NaN in the output, never trained.
 Outputs: per query head ``duo_gate`` (its KV head's gate), and table ``kv_heads`` (layer,
 kv_head, metric ``duo_gate``, max, mean, sum: each the gate) so
 ``workbench.circuits.kvplans.kv_scores(table, "duo_gate", grid)`` reads it and
@@ -61,10 +61,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from workbench.analyses.duo_gates import DuoGateParams
+from workbench.circuits.kvplans import head_rows, pool_kv_heads
 from workbench.errors import WorkbenchError
+from workbench.forward.streaming import native_windows
 from workbench.hooks import hook_name, hooked, kv_group
 from workbench.progress import steps
-from workbench.streaming import native_windows
 from workbench.types import AnalysisOutput, HeadMetric, NeedleSet
 
 if TYPE_CHECKING:
@@ -324,15 +325,12 @@ def duo_gates(model: LoadedModel, prompts: NeedleSet, params: DuoGateParams) -> 
     gates, training, facts = train_gates(model, prompts, params)
     group = kv_group(model.n_heads, model.n_kv_heads)
     per_head = np.repeat(gates, group, axis=1)  # query head h reads KV head h // group
-    rows = [
-        dict(layer=layer, kv_head=g, metric=METRIC, max=float(gates[layer, g]),
-             mean=float(gates[layer, g]), sum=float(gates[layer, g]))
-        for layer in range(model.n_layers)
-        for g in range(model.n_kv_heads)
-    ]  # fmt: skip
     return AnalysisOutput(
         head_metrics={METRIC: HeadMetric(per_head, np.zeros_like(per_head), 1)},
-        tables={"kv_heads": pd.DataFrame(rows), "training": training},
+        tables={
+            "kv_heads": pool_kv_heads(head_rows({METRIC: gates}), model.n_kv_heads, "kv_head"),
+            "training": training,
+        },
         info={
             "final_loss": float(training["loss"].iloc[-1]),
             "initial_loss": float(training["loss"].iloc[0]),
@@ -345,7 +343,7 @@ def duo_gates(model: LoadedModel, prompts: NeedleSet, params: DuoGateParams) -> 
             "lr": params.lr,
             "optimizer": "adam, the paper's warm-up / decay schedule, gates clamped to [0, 1] "
             "after each step",
-            "hidden": f"blocks.{model.n_layers - 1}.hook_resid_post",
+            "hidden": hook_name("resid_post", model.n_layers - 1),
             "query_heads_per_kv_head": group,
             **facts,
         },

@@ -24,10 +24,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from workbench.analyses.head_detectors import HeadDetectorParams
+from workbench.forward.patterns import detection_patterns
 from workbench.hooks import hook_name, hooked
 from workbench.progress import steps
 from workbench.stats import mean_stderr
@@ -35,28 +36,6 @@ from workbench.types import AnalysisOutput, HeadMetric, PromptSet
 
 if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
-
-
-def detection_patterns(
-    tokens: Int[Tensor, "batch pos"], kind: str
-) -> Float[Tensor, "batch pos pos"]:
-    """The 0/1 detection pattern ``D`` of ``kind`` for each sequence (see module docstring)."""
-    b, t = tokens.shape
-    dev = tokens.device
-    lower = torch.tril(torch.ones(t, t, dtype=torch.bool, device=dev), diagonal=-1)
-    if kind == "previous_token":
-        d = torch.zeros(t, t, dtype=torch.bool, device=dev)
-        d[1:, :-1] = torch.eye(t - 1, dtype=torch.bool, device=dev)
-        return d.expand(b, t, t).float()
-    same = tokens[:, :, None] == tokens[:, None, :]  # [b, q, k]
-    dup = same & lower
-    if kind == "duplicate_token":
-        return dup.float()
-    if kind == "induction":
-        ind = torch.zeros_like(dup)
-        ind[:, :, 1:] = dup[:, :, :-1]  # key k qualifies when k-1 is a duplicate of q
-        return torch.tril(ind).float()
-    raise ValueError(f"unknown detector {kind!r}")
 
 
 def score_patterns(

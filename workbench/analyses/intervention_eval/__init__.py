@@ -9,23 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from workbench.errors import WorkbenchError
-from workbench.types import Analysis, Head
+from workbench.heads import parse_heads
+from workbench.types import Analysis
 
 INTERVENTIONS = ("zero", "act", "pasta")
-_HEAD = re.compile(r"^L(\d+)H(\d+)$")
-
-
-def parse_heads(text: str) -> list[Head]:
-    """``"L3H4, L20H1"`` (commas or spaces) -> heads; a one-line error for anything else."""
-    out = []
-    for part in re.split(r"[,\s]+", text.strip()):
-        if not part:
-            continue
-        m = _HEAD.match(part.upper())
-        if m is None:
-            raise WorkbenchError(f"'{part}' is not a head", "write heads as L3H4, L20H1")
-        out.append(Head(int(m.group(1)), int(m.group(2))))
-    return out
 
 
 @dataclass(frozen=True)
@@ -61,7 +48,7 @@ class InterventionEvalParams:
 
     def validate(self) -> None:
         if self.heads.strip():
-            parse_heads(self.heads)
+            parse_heads(self.heads, "intervention_eval")
         if not (self.heads.strip() or self.heads_run.strip()):
             raise WorkbenchError(
                 "intervention_eval: no heads given", "set heads (e.g. 'L3H4, L20H1') or heads_run"

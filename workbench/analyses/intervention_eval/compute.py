@@ -3,7 +3,8 @@
 Conditions: ``none`` (the unmodified model), ``chosen`` (the intervention on the chosen heads),
 ``random_i`` (the same intervention on ``n_random`` random head sets of the same size: uniform
 over all heads, or ``layer_matched``: as many heads per layer as the chosen set) and, for ACT and
-PASTA, ``all_heads``. Interventions (``workbench.attention_edits``, ``workbench.head_sweep``):
+PASTA, ``all_heads``. Interventions (``workbench.forward.attention_edits``,
+``workbench.forward.head_sweep``):
 ``zero`` (``z_h = 0``), ``act`` (ACT calibration, ``tau``, ``beta``) and ``pasta`` (PASTA steering
 to the highlighted span with ``alpha``; ``span = "context"`` highlights a knowledge-conflict
 prompt's context, positions ``[BOS?, question_start)``). All conditions of one prompt group run
@@ -27,11 +28,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from workbench.analyses.activation_patching.resume import ResumableRun
-from workbench.analyses.intervention_eval import InterventionEvalParams, parse_heads
-from workbench.attention_edits import act_edit, pasta_edit, steering_bias
+from workbench.analyses.intervention_eval import InterventionEvalParams
 from workbench.errors import WorkbenchError
-from workbench.head_sweep import check_variants, sweep_heads, zero_edit
+from workbench.forward.attention_edits import act_edit, pasta_edit, steering_bias
+from workbench.forward.head_sweep import check_variants, sweep_heads, zero_edit
+from workbench.forward.resume import ResumableRun
+from workbench.heads import every_head, parse_heads, random_head_sets
 from workbench.metrics import logit_diff
 from workbench.stats import random_rank
 from workbench.types import AnalysisOutput, Head, PromptGroups, PromptSet
@@ -41,27 +43,6 @@ if TYPE_CHECKING:
 
 METRICS = ("accuracy", "incorrect_rate", "logit_diff")
 KINDS = {"zero": "z", "act": "pattern", "pasta": "scores"}
-
-
-def random_sets(
-    model: LoadedModel, chosen: Sequence[Head], n: int, pool: str, seed: int
-) -> list[list[Head]]:
-    """``n`` random head sets of ``len(chosen)`` heads (uniform, or per-layer counts matched)."""
-    rng = np.random.default_rng(seed)
-    every = [Head(la, h) for la in range(model.n_layers) for h in range(model.n_heads)]
-    out = []
-    for _ in range(n):
-        if pool == "uniform":
-            pick = rng.choice(len(every), size=len(chosen), replace=False)
-            out.append(sorted(every[i] for i in pick))
-        else:
-            counts: dict[int, int] = {}
-            for h in chosen:
-                counts[h.layer] = counts.get(h.layer, 0) + 1
-            s = [Head(la, int(h)) for la, c in counts.items()
-                 for h in rng.choice(model.n_heads, size=c, replace=False)]  # fmt: skip
-            out.append(sorted(s))
-    return out
 
 
 def _spans(model: LoadedModel, ps: PromptSet, span: str) -> list[tuple[int, int]]:
@@ -102,9 +83,11 @@ def intervention_eval(
     *, stored_heads: Sequence[str] = (),
 ) -> AnalysisOutput:  # fmt: skip
     """The conditions' metrics, the summary against random sets (module docstring)."""
-    chosen = check_variants(model, [parse_heads(" ".join([params.heads, *stored_heads]))])[0]
-    randoms = random_sets(model, chosen, params.n_random, params.random_pool, params.seed)
-    every = [Head(la, h) for la in range(model.n_layers) for h in range(model.n_heads)]
+    typed = parse_heads(" ".join([params.heads, *stored_heads]), "intervention_eval")
+    chosen = check_variants(model, [typed])[0]
+    every = every_head(model.n_layers, model.n_heads)
+    like = chosen if params.random_pool == "layer_matched" else None
+    randoms = random_head_sets(every, len(chosen), params.n_random, params.seed, like=like)
     variants: dict[str, list[Head]] = {"chosen": chosen}
     variants.update({f"random_{i}": r for i, r in enumerate(randoms)})
     if params.intervention != "zero":

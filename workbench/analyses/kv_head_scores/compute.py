@@ -22,18 +22,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from workbench.analyses.head_detectors.compute import detection_patterns
 from workbench.analyses.kv_head_scores import KVHeadScoreParams
+from workbench.circuits.kvplans import head_rows, pool_kv_heads
 from workbench.errors import WorkbenchError
+from workbench.forward.patterns import detection_patterns
+from workbench.forward.streaming import native_windows
 from workbench.hooks import every_layer, kv_group, record
 from workbench.progress import steps
 from workbench.stats import mean_stderr, spearman
-from workbench.streaming import native_windows
 from workbench.types import AnalysisOutput, HeadMetric, PromptSet
 
 if TYPE_CHECKING:
@@ -100,19 +100,12 @@ def kv_head_scores(
         "induction": HeadMetric(*mean_stderr(per_seq["ind"]), n),
     }
     group = kv_group(model.n_heads, model.n_kv_heads)
-    rows = []
-    for name, metric in metrics.items():
-        grouped = np.asarray(metric.mean).reshape(model.n_layers, model.n_kv_heads, group)
-        for layer in range(model.n_layers):
-            for g in range(model.n_kv_heads):
-                rows.append(
-                    dict(layer=layer, kv_head=g, metric=name,
-                         max=float(grouped[layer, g].max()), mean=float(grouped[layer, g].mean()))
-                )  # fmt: skip
+    means = head_rows({k: m.mean for k, m in metrics.items()})
+    pooled = pool_kv_heads(means, model.n_kv_heads, n_heads=model.n_heads)
     rho, _ = spearman(np.asarray(metrics["induction"].mean).ravel(), detector.mean(axis=0).ravel())
     return AnalysisOutput(
         head_metrics=metrics,
-        tables={"kv_heads": pd.DataFrame(rows)},
+        tables={"kv_heads": pooled},
         info={
             "n_sequences": n,
             "length": int(meta["length"]),

@@ -9,8 +9,6 @@ from typing import Any, Literal
 from workbench.errors import WorkbenchError
 from workbench.types import Analysis
 
-PLAN_RULES = ("razor", "top_k", "threshold", "quantile", "budget")
-
 
 @dataclass(frozen=True)
 class KVPlanEvalParams:
@@ -83,7 +81,7 @@ class KVPlanEvalParams:
             raise WorkbenchError(
                 "kv_plan_eval: max_new_tokens, feed_last, ppl_tokens >= 1", "use defaults"
             )
-        if self.column not in ("max", "mean", "sum"):
+        if self.column not in ("max", "mean", "sum"):  # circuits.kvplans.KV_POOLS
             raise WorkbenchError(f"kv_plan_eval: unknown column '{self.column}'", "max/mean/sum")
 
 

@@ -1,7 +1,7 @@
 """A KV-cache plan against full attention and against control plans, on the same needle samples.
 
-For each plan ``P`` (``workbench.streaming``) and needle sample (context ``c_1..c_N``, answer
-``a_1..a_M``, needle text ``r``):
+For each plan ``P`` (``workbench.forward.streaming``) and needle sample (context
+``c_1..c_N``, answer ``a_1..a_M``, needle text ``r``):
 
 - ``recall``: ROUGE-1 recall of ``r`` in the greedy answer (stemmed, as ``retrieval_heads``);
 - ``logprob``: teacher-forced ``(1/M) sum_t log p_P(a_t | c, a_<t)``;
@@ -40,15 +40,16 @@ import torch
 from torch import Tensor
 
 from workbench.analyses.kv_plan_eval import KVPlanEvalParams
+from workbench.analyses.kv_plan_eval.oracle import oracle_plans, rank_plans
 from workbench.analyses.kv_plan_eval.shared import ContextRun, first_layer, worth_it
-from workbench.analyses.retrieval_heads.decode import is_stop, stop_ids
-from workbench.analyses.retrieval_heads.rouge import rouge1_recall
-from workbench.circuits.kvplans import KVPlan, build_plan, controls, kv_scores
+from workbench.circuits.kvplans import build_plan, controls, kv_scores
 from workbench.errors import WorkbenchError
-from workbench.eviction import decode_with_eviction
+from workbench.forward.decode import answer_recall, is_stop, stop_ids
+from workbench.forward.eviction import decode_with_eviction
+from workbench.forward.plan import KVPlan
+from workbench.forward.streaming import StreamAttention, native_windows
 from workbench.progress import steps
 from workbench.stats import random_rank
-from workbench.streaming import StreamAttention, native_windows
 from workbench.types import AnalysisOutput, NeedleSample, NeedleSet
 
 if TYPE_CHECKING:
@@ -193,17 +194,8 @@ def _mask_sample(
                 return_type="logits_and_cache", use_cache=True, past_key_values=cache,
             )  # fmt: skip
             nxt = step[0, -1].float()
-    out["recall"] = _recall(model, sample, tokens, stops)
+    out["recall"] = answer_recall(model, sample, tokens, stops)
     return out, used + int(ans.shape[0]) - 1 + len(tokens)
-
-
-def _recall(
-    model: LoadedModel, sample: NeedleSample, tokens: list[int], stops: frozenset[int]
-) -> float:
-    """ROUGE-1 recall of the needle in the answer (a final stop token left out)."""
-    last = bool(tokens) and is_stop(model, tokens[-1], stops, model.codec.decode(tokens[:-1]))
-    body = tokens[:-1] if last else tokens
-    return float(rouge1_recall(sample.real_needle, model.codec.decode(body).strip()))
 
 
 def _decode_sample(
@@ -225,7 +217,7 @@ def _decode_sample(
         max_new_tokens=params.max_new_tokens,
         stop=lambda toks: is_stop(model, toks[-1], stops, model.codec.decode(toks[:-1])),
     )  # fmt: skip
-    out["recall"] = _recall(model, sample, greedy.tokens, stops)
+    out["recall"] = answer_recall(model, sample, greedy.tokens, stops)
     out["cache_fraction"] = greedy.cache_fraction  # measured; only all-streaming layers shrink
     return out, 2 * n + int(ans.shape[0]) - 1 + len(greedy.tokens)
 
@@ -387,11 +379,10 @@ def kv_plan_eval(
         "accounting": acct,
     }
     if params.oracle:
-        from workbench.analyses.kv_plan_eval.oracle import exhaustive
-
-        tables["oracle"], tables["rule_ranks"] = exhaustive(
-            model, built, every, samples, params, refs
-        )
+        plans = oracle_plans(built)
+        table, _ = evaluate(model, plans, samples, params, desc="oracle plans", refs=refs)
+        means = table.groupby("plan")[list(METRICS)].mean()
+        tables["oracle"], tables["rule_ranks"] = rank_plans(built, every, means)
     return AnalysisOutput(tables=tables, info=info)
 
 

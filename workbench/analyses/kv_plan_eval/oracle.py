@@ -2,7 +2,7 @@
 
 With ``m`` streamable KV heads (Gemma 3 above its 512-token sliding window: the one KV head of
 each of its 3 global layers, so ``m = 3``) there are ``2^m`` plans. Each is run on the same
-samples (``compute.evaluate``) and ranked by needle recall, ties broken by the answer's
+samples (by ``compute.py``) and ranked by needle recall, ties broken by the answer's
 log-probability (rank 1 = best), over all plans and among the plans with the same number ``k``
 of full heads. For every score in the KV-head table and every ``0 < k < m``, the score's top-``k``
 plan is located in the ranking of the ``C(m, k)`` plans with ``k`` full heads: rank 1 means the
@@ -18,15 +18,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from workbench.analyses.kv_plan_eval import KVPlanEvalParams
-from workbench.circuits.kvplans import KVPlan
 from workbench.errors import WorkbenchError
-from workbench.types import NeedleSample
+from workbench.forward.plan import KVPlan
 
 if TYPE_CHECKING:
-    from torch import Tensor
-
-    from workbench.models.loading import LoadedModel
+    pass
 
 MAX_HEADS = 10
 
@@ -35,17 +31,8 @@ def _label(heads: Sequence[tuple[int, int]]) -> str:
     return "+".join(f"L{a}G{b}" for a, b in sorted(heads)) or "none"
 
 
-def exhaustive(
-    model: LoadedModel,
-    plan: KVPlan,
-    every: Mapping[str, np.ndarray],
-    samples: Sequence[NeedleSample],
-    params: KVPlanEvalParams,
-    refs: Sequence[Tensor] | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(oracle, rule_ranks)`` tables (module docstring)."""
-    from workbench.analyses.kv_plan_eval.compute import METRICS, evaluate
-
+def oracle_plans(plan: KVPlan) -> dict[str, KVPlan]:
+    """Every plan over ``plan``'s streamable KV heads, ``2^m`` of them, by label."""
     pool = plan.streamable
     if len(pool) > MAX_HEADS:
         raise WorkbenchError(
@@ -54,9 +41,16 @@ def exhaustive(
             "set oracle = false, or use a model with fewer global KV heads (Gemma 3)",
         )
     subsets = [c for k in range(len(pool) + 1) for c in itertools.combinations(pool, k)]
-    plans = {_label(c): plan.replace(c, "oracle") for c in subsets}
-    table, _ = evaluate(model, plans, samples, params, desc="oracle plans", refs=refs)
-    means = table.groupby("plan")[list(METRICS)].mean()
+    return {_label(c): plan.replace(c, "oracle") for c in subsets}
+
+
+def rank_plans(
+    plan: KVPlan, every: Mapping[str, np.ndarray], means: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(oracle, rule_ranks)`` tables (module docstring) from the per-plan mean metrics of
+    the :func:`oracle_plans` (``means``: one row per plan label, recall and logprob columns)."""
+    pool = plan.streamable
+    subsets = [c for k in range(len(pool) + 1) for c in itertools.combinations(pool, k)]
     rows = pd.DataFrame(
         [{"plan": _label(c), "n_full": len(c), **means.loc[_label(c)].to_dict()} for c in subsets]
     )

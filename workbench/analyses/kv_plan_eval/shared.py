@@ -4,7 +4,7 @@ Let ``L(P)`` be the lowest layer with a streaming KV head in plan ``P`` (``n_lay
 an all-full plan). Blocks ``0 .. L(P) - 1`` attend fully under ``P``, so their residual stream
 and their keys and values equal full attention's at every position. One full-attention run of
 the context (:class:`ContextRun`, the patching engine's
-:class:`~workbench.analyses.activation_patching.resume.ResumableRun`: ``resid_pre`` per layer,
+:class:`~workbench.forward.resume.ResumableRun`: ``resid_pre`` per layer,
 each block's recorded arguments and the HF cache) is therefore shared: plan ``P`` resumes at
 block ``L(P)`` from ``resid_pre[L(P)]`` at positions ``p..N-1`` (``p`` the shared prefix of
 :func:`compute._prefix`), with a cache whose layers ``< L(P)`` are the full run's (all ``N``
@@ -26,11 +26,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workbench.analyses.activation_patching.resume import ResumableRun, _suffix
-from workbench.streaming import check_plan
+from workbench.forward.resume import ResumableRun, suffix
+from workbench.forward.streaming import check_plan
 
 if TYPE_CHECKING:
-    from workbench.circuits.kvplans import KVPlan
+    from workbench.forward.plan import KVPlan
     from workbench.models.loading import LoadedModel
     from workbench.types import NeedleSample
 
@@ -68,9 +68,9 @@ class ContextRun:
         try:  # every recorded block argument can be cut to a suffix of the positions
             for rest, kw in self.run.block_args.values():
                 for a in rest:
-                    _suffix("arg", a, 1, self.n)
+                    suffix("arg", a, 1, self.n)
                 for name, a in kw.items():
-                    _suffix(name, a, 1, self.n)
+                    suffix(name, a, 1, self.n)
         except ValueError:
             self.ok = False
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from workbench.analyses.direct_logit_attribution import check_batch
+from workbench.params import check_batch
 from workbench.types import Analysis
 
 LENS_METRICS = ("logit_diff", "prob", "rank")

@@ -11,14 +11,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workbench.analyses.direct_logit_attribution.compute import (
-    _batches,
-    _original,
+from workbench.analyses.logit_lens import LENS_METRICS, LogitLensParams
+from workbench.forward.unembed import (
     final_components,
+    original,
+    prompt_batches,
     softcap,
     unembed,
 )
-from workbench.analyses.logit_lens import LENS_METRICS, LogitLensParams
 from workbench.metrics import answer_prob, logit_diff
 from workbench.stats import mean_stderr
 from workbench.types import AnalysisOutput, PromptSet
@@ -40,7 +40,7 @@ def lens_logits(
 ) -> Float[Tensor, "batch vocab"]:
     """The residual stream through the final norm (its own scale) and the unembedding."""
     with torch.no_grad():
-        normed = _original(model.bridge.ln_final)(resid.to(model.bridge.W_U.dtype)).float()
+        normed = original(model.bridge.ln_final)(resid.to(model.bridge.W_U.dtype)).float()
         return unembed(model, normed)
 
 
@@ -50,7 +50,7 @@ def logit_lens(model: LoadedModel, prompts: PromptSet, params: LogitLensParams) 
     metric, value, stderr, n."""
     vals: dict[str, list[Tensor]] = {k: [] for k in LENS_METRICS}
     final_err = 0.0
-    for tokens, correct, incorrect in _batches(prompts, params.batch_size):
+    for tokens, correct, incorrect in prompt_batches(prompts, params.batch_size):
         comps = final_components(model, tokens)
         per_layer: dict[str, list[Tensor]] = {k: [] for k in LENS_METRICS}
         for layer in range(model.n_layers):

@@ -37,12 +37,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from workbench.analyses.moa_influence import MoAInfluenceParams
+from workbench.circuits.kvplans import head_rows, pool_kv_heads
 from workbench.errors import WorkbenchError
 from workbench.hooks import hook_name, hooked, kv_group
 from workbench.progress import steps
@@ -158,20 +158,12 @@ def moa_influence(
         metric_name(w): HeadMetric(*mean_stderr(per_seq[i]), n) for i, w in enumerate(windows)
     }
     group = kv_group(model.n_heads, model.n_kv_heads)
-    rows = []
-    for name, metric in metrics.items():
-        grouped = np.asarray(metric.mean).reshape(model.n_layers, model.n_kv_heads, group)
-        for layer in range(model.n_layers):
-            for g in range(model.n_kv_heads):
-                v = grouped[layer, g]
-                rows.append(
-                    dict(layer=layer, kv_head=g, metric=name, max=float(v.max()),
-                         mean=float(v.mean()), sum=float(v.sum()))
-                )  # fmt: skip
+    means = head_rows({k: m.mean for k, m in metrics.items()})
+    pooled = pool_kv_heads(means, model.n_kv_heads, n_heads=model.n_heads)
     loss_mean, loss_se = mean_stderr(losses)
     return AnalysisOutput(
         head_metrics=metrics,
-        tables={"kv_heads": pd.DataFrame(rows)},
+        tables={"kv_heads": pooled},
         info={
             "n_sequences": n,
             "seq_len": t,

@@ -12,30 +12,14 @@ holds ``{"16": [7, 10], "22": [5]}``), so ``json.load(f)["heads"]`` goes straigh
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from workbench.errors import WorkbenchError
+from workbench.heads import parse_heads
 from workbench.types import Analysis, Head
-
-_HEAD = re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE)
-
-
-def parse_heads(names: Iterable[str]) -> list[Head]:
-    """``["L3H5", ...]`` as heads (sorted, unique), or a one-line error."""
-    out = set()
-    for name in names:
-        m = _HEAD.match(str(name))
-        if m is None:
-            raise WorkbenchError(
-                f"pasta_profile: head {name!r} is not of the form L<layer>H<head>",
-                "e.g. heads = ['L3H5', 'L10H2']",
-            )
-        out.add(Head(int(m.group(1)), int(m.group(2))))
-    return sorted(out)
 
 
 @dataclass(frozen=True)
@@ -129,7 +113,7 @@ class PastaParams:
                 "pasta_profile: conflict_test_fraction must be in (0, 1) (both splits are used)",
                 "e.g. 0.5",
             )
-        parse_heads(self.heads)
+        parse_heads(self.heads, "pasta_profile")
 
 
 def head_config(

@@ -1,12 +1,12 @@
 """PASTA (Zhang et al. 2024, QingruZhang/PASTA) profiled per head and evaluated.
 
-**Steering** (:func:`workbench.attention_edits.steer_attention`): in each chosen head, every
+**Steering** (:func:`workbench.forward.attention_edits.steer_attention`): in each chosen head, every
 prompt key outside the highlighted span ``[a, b)`` gets ``log alpha`` added to its pre-softmax
 score (its attention multiplied by ``alpha``, each row renormalised); keys generated after the
 prompt are not steered. ``alpha = 1`` changes nothing.
 
 **Profiling metric** (one forward per prompt and variant, final position, through the batched
-:func:`workbench.head_sweep.sweep_heads`; prompts of one length per sweep):
+:func:`workbench.forward.head_sweep.sweep_heads`; prompts of one length per sweep):
 
 - needle: ``m = log p(answer_1 | context)``, the teacher-forced log-probability of the
   answer's first token after the prompt;
@@ -54,12 +54,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from workbench.analyses.activation_patching.resume import ResumableRun
 from workbench.analyses.pasta_profile import (
     PastaParams,
     conflict_task_params,
     head_config,
-    parse_heads,
 )
 from workbench.analyses.pasta_profile.evaluate import (
     METRICS,
@@ -77,9 +75,11 @@ from workbench.analyses.pasta_profile.highlight import (
     conflict_batch,
     needle_batches,
 )
-from workbench.attention_edits import check_spans, pasta_edit, steering_bias
 from workbench.errors import WorkbenchError
-from workbench.head_sweep import check_variants, sweep_heads
+from workbench.forward.attention_edits import check_spans, pasta_edit, steering_bias
+from workbench.forward.head_sweep import check_variants, sweep_heads
+from workbench.forward.resume import ResumableRun
+from workbench.heads import every_head, parse_heads, random_head_sets
 from workbench.tasks import build_task
 from workbench.types import (
     AnalysisOutput,
@@ -242,17 +242,10 @@ def _conflicts(
     return [conflict_batch(g.to(model.device)) for g in groups], facts
 
 
-def _random_sets(model: LoadedModel, k: int, n: int, seed: int) -> list[list[Head]]:
-    rng = np.random.default_rng(seed)
-    every = model.n_layers * model.n_heads
-    picks = [sorted(rng.choice(every, size=k, replace=False).tolist()) for _ in range(n)]
-    return [[Head(i // model.n_heads, i % model.n_heads) for i in p] for p in picks]
-
-
 def pasta_profile(model: LoadedModel, prompts: NeedleSet, params: PastaParams) -> AnalysisOutput:
     """Profile, choose, evaluate (module docstring)."""
     t_start = time.perf_counter()
-    user = parse_heads(params.heads)
+    user = sorted(set(parse_heads(params.heads, "pasta_profile")))
     if user:
         check_variants(model, [user])
     pool = min(params.top_layers, model.n_layers) * model.n_heads
@@ -322,7 +315,8 @@ def pasta_profile(model: LoadedModel, prompts: NeedleSet, params: PastaParams) -
         head_metrics = _head_metrics(model, heads_table, n)
 
     k = len(chosen)
-    randoms = _random_sets(model, k, params.n_random, params.seed)
+    every = every_head(model.n_layers, model.n_heads)
+    randoms = random_head_sets(every, k, params.n_random, params.seed)
     conditions: dict[str, Condition] = {
         "none": ([], "gold"),
         "chosen_gold": (chosen, "gold"),

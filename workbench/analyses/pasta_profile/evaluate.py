@@ -13,12 +13,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from workbench.analyses.activation_patching.resume import ResumableRun
-from workbench.analyses.kv_plan_eval.compute import _recall
 from workbench.analyses.pasta_profile.highlight import Batch, Span
-from workbench.analyses.retrieval_heads.decode import forward_batch, is_stop, stop_ids
-from workbench.attention_edits import pasta_edit, steer_attention, steering_bias
-from workbench.head_sweep import sweep_heads
+from workbench.forward.attention_edits import pasta_edit, steer_attention, steering_bias
+from workbench.forward.decode import answer_recall, forward_batch, is_stop, stop_ids
+from workbench.forward.head_sweep import sweep_heads
+from workbench.forward.resume import ResumableRun
 from workbench.stats import random_rank
 from workbench.types import Head
 
@@ -151,7 +150,7 @@ def eval_needles(
                         "length": b.length,
                         "prompt": j,
                         "format": "",
-                        "recall": _recall(model, s, gen[j], stops),
+                        "recall": answer_recall(model, s, gen[j], stops),
                         "first_logprob": float(lp[j]),
                     }
                 )

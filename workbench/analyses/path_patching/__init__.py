@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from workbench.analyses.attribution_patching import DIRECTIONS
 from workbench.errors import WorkbenchError
-from workbench.types import Analysis
+from workbench.types import DIRECTIONS, Analysis
 
 PATH_METRICS = ("logit_diff", "norm_logit_diff")
 QKV = ("q", "k", "v")

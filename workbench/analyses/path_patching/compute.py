@@ -40,9 +40,9 @@ from torch import Tensor
 from workbench import metrics as M
 from workbench.analyses.path_patching import PathPatchingParams
 from workbench.errors import WorkbenchError
+from workbench.forward.selfcheck import require
 from workbench.hooks import every_layer, hook_name, hooked, kv_head_of, record
 from workbench.models.backend import fast_linears
-from workbench.models.selfcheck import require
 from workbench.progress import steps
 from workbench.types import AnalysisOutput, Head, HeadMetric, PromptSet
 
@@ -205,7 +205,7 @@ def path_patching(
     extra: dict[str, Any] = {}
     if fast:  # the sweep's own resumable runs give the baselines: no extra forwards
         extra["self_checks"] = require(model, "resume")
-        from workbench.analyses.path_patching.resumed import base_runs, logits_receiver_sweep
+        from workbench.forward.paths import base_runs, logits_receiver_sweep
 
         with fast_linears(model.bridge):  # oneDNN where faster (models.backend)
             clean_run, corrupt_run = base_runs(model, prompts, freeze_mlps=params.freeze_mlps)

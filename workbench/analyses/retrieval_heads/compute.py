@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from workbench.analyses.retrieval_heads import RetrievalParams
-from workbench.analyses.retrieval_heads.decode import check_samples
 from workbench.analyses.retrieval_heads.span import NOT_FOUND
 from workbench.errors import WorkbenchError
+from workbench.forward.decode import check_samples
+from workbench.forward.selfcheck import require
 from workbench.models.backend import on_fast_linears, use_onednn
-from workbench.models.selfcheck import require
 from workbench.stats import mean_stderr
 from workbench.types import AnalysisOutput, HeadMetric, NeedleSet
 

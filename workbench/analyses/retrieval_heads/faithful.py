@@ -37,13 +37,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from workbench.analyses.retrieval_heads import RetrievalParams
-from workbench.analyses.retrieval_heads.decode import (
+from workbench.analyses.retrieval_heads.hits import copy_hits, sample_spans
+from workbench.forward.decode import (
     ArgmaxRecorder,
     Prefilled,
-    copy_hits,
     decode_batch,
     prefilled,
-    sample_spans,
     stop_ids,
 )
 from workbench.hooks import hooked

@@ -38,15 +38,14 @@ import torch
 from torch import Tensor
 
 from workbench.analyses.retrieval_heads import RetrievalParams
-from workbench.analyses.retrieval_heads.decode import (
+from workbench.analyses.retrieval_heads.faithful import SampleScore
+from workbench.analyses.retrieval_heads.hits import copy_hits, sample_spans
+from workbench.forward.answers import rouge1_recall
+from workbench.forward.decode import (
     ArgmaxRecorder,
-    copy_hits,
     forward_step,
     prefilled,
-    sample_spans,
 )
-from workbench.analyses.retrieval_heads.faithful import SampleScore
-from workbench.analyses.retrieval_heads.rouge import rouge1_recall
 from workbench.hooks import hooked
 from workbench.types import NeedleSample
 
