@@ -4,6 +4,8 @@ scored, the fast mode's greedy filter, batched decoding, and runs with nothing t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
@@ -220,3 +222,114 @@ def test_lookahead_decoding_equals_one_token_at_a_time(load, name):
     for a, b in zip(plain, ahead, strict=True):
         assert a.answer == b.answer and a.steps == b.steps
         np.testing.assert_allclose(a.score.numpy(), b.score.numpy(), atol=1e-12)
+
+
+# ---- spans before decoding ---------------------------------------------------------------------
+
+_DECODING = {  # every entry point that prefills or decodes, patched where it is looked up
+    "workbench.analyses.retrieval_heads.faithful": ("prefilled", "decode_batch"),
+    "workbench.analyses.retrieval_heads.teacher_forced": ("prefilled", "forward_step"),
+    "workbench.forward.decode": (
+        "prefilled", "decode_batch", "decode_sample", "greedy_answers", "forward_batch",
+        "forward_step",
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _NoParams:
+    """The parameters of a task that ignores them."""
+
+
+def _forbid_decoding(monkeypatch, called: list[str]) -> None:
+    """Replace every entry point of :data:`_DECODING` by one that records its name in
+    ``called`` and raises."""
+    import importlib
+
+    def forbidden(name):
+        def call(*args, **kwargs):
+            called.append(name)
+            raise AssertionError(f"{name} called")
+
+        return call
+
+    for module, names in _DECODING.items():
+        mod = importlib.import_module(module)
+        for name in names:
+            monkeypatch.setattr(mod, name, forbidden(f"{module}.{name}"))
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fast"])
+def test_paper_search_finding_no_span_is_refused_before_any_decoding(
+    load, store, monkeypatch, mode
+):
+    """tiny-llama needle samples whose real_needle is nowhere in the context: the authors'
+    search finds no span, and the run is refused with the one-line error before anything is
+    prefilled or decoded (no decoding entry point called, no forward of the model at all),
+    nothing stored."""
+    from dataclasses import replace
+
+    from workbench.analyses.retrieval_heads.hits import sample_spans
+    from workbench.forward.selfcheck import require
+    from workbench.runner import run_analysis
+    from workbench.tasks import TASKS, build_task
+    from workbench.tasks._common import TaskSpec
+
+    tiny = load("tiny-llama")
+    built = build_task(
+        "needle", tiny.codec, {"context_lengths": [90], "depth_percents": [20, 80], "n_needles": 2}
+    )
+    missing = NeedleSet(
+        "needle", tuple(replace(s, real_needle="zebra quantum xylophone") for s in built.samples)
+    )
+    assert missing.n == 4
+    assert all(sp == NOT_FOUND for sp in sample_spans(tiny, missing.samples, "paper_search"))
+    spec = TaskSpec("nospan", "needles without their answer", _NoParams, lambda codec, p: missing,
+                    data_files=(), version="1")  # fmt: skip
+    monkeypatch.setitem(TASKS, "nospan", spec)
+    require(tiny, "kv_cache")  # the model's self-check (memoised) runs its forwards first
+    called: list[str] = []
+    _forbid_decoding(monkeypatch, called)
+
+    def no_forward(module, args):
+        called.append("bridge.forward")
+        raise AssertionError("the model ran a forward")
+
+    handle = tiny.bridge.register_forward_pre_hook(no_forward)
+    try:
+        params = {"mode": mode, "span": "paper_search", "max_new_tokens": 4}
+        for _ in range(2):  # nothing stored to serve the second time
+            with pytest.raises(WorkbenchError, match="found no needle span") as err:
+                run_analysis("retrieval_heads", tiny, "nospan", params=params, store=store)
+            assert "\n" not in str(err.value)
+            assert "in any of the 4 samples" in str(err.value)
+            assert "span = 'real_needle'" in str(err.value)  # the fix
+        with pytest.raises(WorkbenchError, match="found no needle span"):
+            retrieval_heads(tiny, missing, RetrievalParams(mode=mode, span="paper_search"))
+    finally:
+        handle.remove()
+    assert called == []
+    assert store.list_runs().empty
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fast"])
+def test_paper_search_missing_some_spans_scores_as_before(toy, mode):
+    """One of three toy samples without its span: the run goes on, that sample scores 0 on
+    every head, the others exactly as the scorer computing its own spans gives them."""
+    from dataclasses import replace
+
+    good = copy_set(toy, n=3).samples
+    ns = NeedleSet("copy", (good[0], replace(good[1], real_needle="t99 t98 t97"), good[2]))
+    params = RetrievalParams(mode=mode, span="paper_search", max_new_tokens=5)
+    out = retrieval_heads(toy, ns, params)
+    scorer = fast_scores if mode == "fast" else faithful_scores
+    ref = scorer(toy, ns.samples, params)  # spans computed inside, as before
+    assert out.info["n_span_not_found"] == 1
+    rows = out.tables["samples"]
+    assert (rows["span_start"][1], rows["span_end"][1]) == NOT_FOUND
+    assert [(a, b) for a, b in zip(rows["span_start"], rows["span_end"], strict=True)] == [
+        r.span for r in ref
+    ]
+    per = out.tables["sample_scores"]["score"].to_numpy().reshape(3, toy.n_layers, toy.n_heads)
+    np.testing.assert_array_equal(per, np.stack([r.score.numpy() for r in ref]))
+    assert not per[1].any() and per[0].max() > 0

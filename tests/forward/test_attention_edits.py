@@ -223,3 +223,133 @@ def test_identities_on_smollm2(smollm2):
         torch.testing.assert_close(_logits(smollm2, tokens), base, atol=1e-6, rtol=0)
     with calibrate_attention(smollm2, heads, beta=0.4):
         assert (_logits(smollm2, tokens) - base).abs().max() > 1e-4
+
+
+# ---- behaviours to know ------------------------------------------------------------------------
+
+
+def _windowed(n: int, w: int, seed: int = 0) -> torch.Tensor:
+    """A ``[1, 1, n, n]`` pattern with a sliding window: row ``i`` puts random positive weight on
+    keys ``max(0, i - w + 1) .. i`` and 0 elsewhere, each row summing to one."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand(n, n, generator=gen, dtype=torch.float64) + 0.1
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    a = a * ((j <= i) & (i - j < w))
+    return (a / a.sum(-1, keepdim=True))[None, None]
+
+
+def test_column_score_divides_by_n_minus_j_on_sliding_window_layers_too():
+    """Window 3 over 8 keys: key j is seen by min(3, 8 - j) queries, but s_j divides by 8 - j
+    (the causal count), so early keys score lower than the mean over the queries that see them."""
+    n, w = 8, 3
+    p = _windowed(n, w)
+    assert (p[0, 0].sum(-1) - 1).abs().max() < 1e-12
+    got = column_scores(p)[0, 0].double()
+    col = p[0, 0].sum(0)
+    causal = torch.tensor([n - j for j in range(n)], dtype=torch.float64)
+    seen = torch.tensor([min(w, n - j) for j in range(n)], dtype=torch.float64)
+    torch.testing.assert_close(got, col / causal, atol=1e-6, rtol=0)
+    early = seen < causal  # keys j < n - w
+    assert early.sum() == n - w
+    assert (got[early] < (col / seen)[early] - 1e-3).all()  # not the windowed mean there
+    torch.testing.assert_close(got[~early], (col / seen)[~early], atol=1e-6, rtol=0)
+
+
+def test_column_score_on_a_sliding_window_layer_of_tiny_gemma3(load):
+    """tiny-gemma3's layer 0 attends to the last 8 keys: over 16 tokens its pattern is 0 past the
+    window, and column_scores still divides by N - j."""
+    model = load("tiny-gemma3")
+    n = 16
+    p = _patterns(model, _tokens(model, n=1, t=n), 0)  # [1, head, q, k]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    outside = (i - j >= 8) & (j <= i)
+    assert outside.any() and p[..., outside].abs().max() == 0  # the window is in the pattern
+    want = p.float().sum(-2) / torch.tensor([n - k for k in range(n)], dtype=torch.float32)
+    torch.testing.assert_close(column_scores(p), want, atol=1e-6, rtol=0)
+
+
+def test_rows_with_all_weight_on_the_sink_set_are_left_unchanged():
+    """Sinks S = {1, 2}: row 2 puts all its weight on S (nothing outside S to give the mass to)
+    and is returned unchanged; rows with weight on S and elsewhere are calibrated; rows with no
+    weight on S are unchanged; every row sums to one."""
+    p = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 0.0],
+            [0.3, 0.7, 0.0, 0.0],
+            [0.0, 0.4, 0.6, 0.0],  # all on S
+            [0.1, 0.2, 0.3, 0.4],
+        ]
+    )[None, None]  # float32, as patterns are (calibrate_pattern computes in float32)
+    sinks = torch.tensor([False, True, True, False])[None, None]
+    beta = 0.4
+    new = calibrate_pattern(p, sinks, beta)
+    torch.testing.assert_close(new[0, 0, 2], p[0, 0, 2], atol=0, rtol=0)
+    torch.testing.assert_close(new[0, 0, 0], p[0, 0, 0], atol=0, rtol=0)  # m_0 = 0
+    for i in (1, 3):
+        assert (new[0, 0, i] - p[0, 0, i]).abs().max() > 0.05
+        m = float(p[0, 0, i, 1:3].sum())
+        want = p[0, 0, i].clone()
+        want[1:3] *= beta
+        want[[0, 3]] *= 1 + (1 - beta) * m / (1 - m)
+        torch.testing.assert_close(new[0, 0, i], want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(new.sum(-1), torch.ones(1, 1, 4), atol=1e-6, rtol=0)
+    # the same row found through the sink criterion: s = (0.35, 1.3/3, 0.45, 0.4) > 0.3 on
+    # every column, the first kept, so S = {1, 2, 3} and row 2 (all on S) stays as it is
+    s = sink_columns(p, 0.3)
+    assert s[0, 0].tolist() == [False, True, True, True]
+    torch.testing.assert_close(calibrate_pattern(p, s, beta)[0, 0, 2], p[0, 0, 2], atol=0, rtol=0)
+
+
+def test_one_cached_row_scores_its_own_columns():
+    """A cached decoding step's pattern ``[.., 1, n_k]``: s_j is the row's own weight on j."""
+    gen = torch.Generator().manual_seed(1)
+    row = torch.softmax(torch.randn(2, 3, 1, 9, generator=gen), -1)
+    torch.testing.assert_close(column_scores(row), row[..., 0, :], atol=0, rtol=0)
+    assert sink_columns(row, 0.1).tolist() == sink_set(row[..., 0, :] > 0.1).tolist()
+
+
+def test_act_under_a_kv_cache_is_not_full_forward_act(load):
+    """tiny-llama, every head: the last token decoded with the KV cache under ACT (prefix
+    prefilled with or without the edit) gives other logits than full-forward ACT at the last
+    position; it equals a full forward in which only the last row is calibrated with that row's
+    own sink set (prefix prefilled without the edit); at beta = 1 all of them are equal."""
+    from workbench.forward.decode import forward_step
+
+    model = load("tiny-llama")
+    tokens = _tokens(model, n=1, t=16, seed=4)[0]
+    heads = [Head(la, h) for la in range(model.n_layers) for h in range(model.n_heads)]
+    tau = 0.1
+
+    def full(beta):
+        with calibrate_attention(model, heads, tau=tau, beta=beta):
+            return _logits(model, tokens[None])[0, -1]
+
+    def cached(beta, edit_prefix):
+        with torch.no_grad():
+            if edit_prefix:
+                with calibrate_attention(model, heads, tau=tau, beta=beta):
+                    _, cache = forward_step(model, tokens[:-1], None)
+            else:
+                _, cache = forward_step(model, tokens[:-1], None)
+            with calibrate_attention(model, heads, tau=tau, beta=beta):
+                out, _ = forward_step(model, tokens[-1:], cache)
+        return out[-1]
+
+    def last_row_only(beta):
+        def hook(p, hook):
+            out = p.clone()
+            row = p[:, :, -1:]
+            out[:, :, -1:] = calibrate_pattern(row, sink_columns(row, tau), beta)
+            return out
+
+        hooks = [(hook_name("pattern", la), hook) for la in range(model.n_layers)]
+        with hooked(model.bridge, hooks):
+            return _logits(model, tokens[None])[0, -1]
+
+    base = _logits(model, tokens[None])[0, -1]
+    assert (full(0.4) - base).abs().max() > 1e-3  # full-forward ACT moves the logits
+    for edit_prefix in (False, True):
+        assert (cached(0.4, edit_prefix) - full(0.4)).abs().max() > 1e-3
+        torch.testing.assert_close(cached(1.0, edit_prefix), full(1.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(cached(0.4, False), last_row_only(0.4), atol=1e-4, rtol=0)
+    assert (cached(0.4, False) - base).abs().max() > 1e-4  # the new row's own sinks do move it

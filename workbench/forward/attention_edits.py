@@ -7,9 +7,16 @@ grouped-query attention.
 **Column score** (the sink criterion shared with ``attention_sinks``' hidden sinks): for one
 head's pattern ``A`` (post-softmax, ``N`` query rows over ``N`` keys in a full forward),
 
-``s_j = sum_i A_ij / (N - j)``  (the mean attention key ``j`` gets from the queries that see it;
-Gu et al.'s ``alpha_k``). Under a KV cache (``n_q < n_k``) the sum runs over the forward's own
-rows and ``N - j`` becomes ``min(n_q, n_k - j)``, the rows that see ``j``.
+``s_j = sum_i A_ij / (N - j)``  (the mean attention key ``j`` gets from the queries a causal
+mask lets see it; Gu et al.'s ``alpha_k``). Under a KV cache (``n_q < n_k``) the sum runs over
+the forward's own rows and ``N - j`` becomes ``min(n_q, n_k - j)``, the rows that see ``j``.
+
+The divisor is the causal count ``N - j`` on every layer, **sliding-window layers included**:
+with window ``w`` only ``min(w, N - j)`` queries see key ``j`` (the other rows hold 0 there), so
+on such a layer ``s_j`` is the mean over those queries times ``min(w, N - j) / (N - j)``: lower,
+for keys ``j < N - w``, than the mean over the queries that see them (a stricter sink test for
+early keys), and the same as on a global layer when ``N <= w``. Kept so: it is the formula as
+written (Yu et al., Gu et al.) and the criterion ``attention_sinks`` shares.
 
 **ACT** (Yu et al. 2024, :func:`calibrate_attention`): the sink set ``S`` = columns with
 ``s_j > tau`` except the first such column (normally position 0, which is kept). Each row
@@ -21,8 +28,18 @@ proportion to their weights: with ``m_i = sum_{j in S} A_ij``,
 so every row still sums to one. Computed as ``A_ij (1 + (1 - beta) m_i / r_i)`` with ``r_i`` the
 row's measured weight outside ``S`` (``= 1 - m_i``): the freed mass ``(1 - beta) m_i`` spread in
 proportion, which keeps each row's sum as it was to rounding and is exactly ``A`` at
-``beta = 1``; rows with ``r_i < 1e-12`` stay as they are. ``beta = 1``
-changes nothing; the first sink column is never scaled down.
+``beta = 1``. A row whose whole weight is on ``S`` (``r_i < 1e-12``: no key outside ``S`` to
+give the mass to) is left unchanged, its sink weight not scaled by ``beta`` either; every
+other row is calibrated, and every row still sums to one. ``beta = 1`` changes nothing; the
+first sink column is never scaled down.
+
+**Under a KV cache** (cached decoding, one new query per forward) ``hook_pattern`` holds only
+the new row ``[.., 1, n_k]``: the divisor is ``min(1, n_k - j) = 1``, so ``s_j = A_{new, j}``,
+the sink set is the keys that row alone gives more than ``tau``, and only that row is
+calibrated (the cached keys and values are what the prefill computed, with or without the
+edit). Full-forward ACT at that position scores the columns over all ``N`` rows and calibrates
+every row, so the two give different logits (equal at ``beta = 1``). The analyses that use ACT
+(``act_search``, ``intervention_eval``: :func:`act_edit` in the head sweep) run full forwards.
 
 **PASTA** (Zhang et al. 2024, :func:`steer_attention`): the attention on prompt keys outside the
 highlighted span ``[start, stop)`` is multiplied by ``alpha`` and every row renormalised, i.e.
@@ -52,7 +69,9 @@ if TYPE_CHECKING:
 
 
 def column_scores(pattern: Float[Tensor, "*b q k"]) -> Float[Tensor, "*b k"]:
-    """``s_j = sum_i A_ij / #(rows that see j)`` (module docstring)."""
+    """``s_j = sum_i A_ij / min(n_q, n_k - j)`` (module docstring): the rows a causal mask lets
+    see ``j``, also on sliding-window layers (where only ``min(w, n_k - j)`` of them do); one
+    cached decoding row (``n_q = 1``) gives ``s_j = A_{0j}``."""
     n_q, n_k = int(pattern.shape[-2]), int(pattern.shape[-1])
     j = torch.arange(n_k, device=pattern.device)
     seen = (n_k - j).clamp(max=n_q).to(torch.float32)
@@ -75,8 +94,10 @@ def sink_columns(pattern: Float[Tensor, "*b q k"], tau: float) -> Bool[Tensor, "
 def calibrate_pattern(
     pattern: Float[Tensor, "*b q k"], sinks: Bool[Tensor, "*b k"], beta: float
 ) -> Float[Tensor, "*b q k"]:
-    """``A'`` of ACT (module docstring): sink columns scaled by ``beta``, the freed mass given
-    back to the other keys in proportion to their weights."""
+    """``A'`` of ACT (module docstring): with ``m_i = sum_{j in S} A_ij`` and ``r_i`` the row's
+    weight outside ``S``, ``A'_ij = beta A_ij`` (``j in S``) and
+    ``A'_ij = A_ij (1 + (1 - beta) m_i / r_i)`` (otherwise); rows with ``r_i < 1e-12`` (all
+    weight on ``S``) are returned unchanged. Rows keep their sums."""
     p = pattern.float()
     s = sinks[..., None, :].to(p.dtype)
     m = (p * s).sum(-1, keepdim=True)
@@ -106,7 +127,9 @@ def calibrate_attention(
     model: LoadedModel, heads: Iterable[Head], *, tau: float = 0.1, beta: float = 0.4
 ) -> Iterator[Any]:
     """ACT on ``heads`` for the duration of the block: ``A -> A'`` at ``hook_pattern``
-    (module docstring); yields the bridge."""
+    (module docstring), the sink set from the rows of each forward; yields the bridge. Under a
+    KV cache a decoding step's sink set comes from its one new row alone, which is not
+    full-forward ACT (module docstring)."""
     beta = _unit("beta", beta, "0.4")
     if not 0.0 < tau < 1.0:
         raise WorkbenchError(f"tau must be in (0, 1), got {tau}", "e.g. tau = 0.1 (ACT)")
@@ -200,7 +223,9 @@ def steer_attention(
 
 
 def act_edit(tau: float, beta: float) -> Callable[[Tensor, Tensor, Tensor, int], Tensor]:
-    """ACT as a per-row edit of ``hook_pattern`` for :func:`.head_sweep.sweep_heads`."""
+    """ACT as a per-row edit of ``hook_pattern`` for :func:`.head_sweep.sweep_heads`: the
+    sink set from :func:`column_scores` of the forward's rows (full forwards there), causal
+    divisor ``N - j`` on sliding-window layers too; all-sink rows unchanged."""
     beta = _unit("beta", beta, "0.4")
 
     def edit(pattern: Tensor, mask: Tensor, prompt: Tensor, layer: int) -> Tensor:

@@ -7,7 +7,10 @@ recall of the answer against ``real_needle`` > ``recall_threshold``; fast: the f
 is the model's greedy continuation); ``stderr`` is over those samples and ``n`` is their
 number. Hits count inside ``span`` (default: ``real_needle`` located exactly, :mod:`.span`).
 A run in which no sample counts, or (``span = "paper_search"``) no span is found, is an
-error: there is nothing to score.
+error: there is nothing to score. The spans depend only on the samples and the tokenizer, so
+they are computed once, before any prefill or decoding, and a run whose spans are all
+``NOT_FOUND`` is refused then; samples whose span is not found still score 0 on every head
+(``n_span_not_found`` in info).
 
 Tables: ``samples`` (one row per sample: depth, length, the inserted needle's span
 ``needle_start``/``needle_end``, the scored span ``span_start``/``span_end``, ``real_needle``,
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from workbench.analyses.retrieval_heads import RetrievalParams
+from workbench.analyses.retrieval_heads.hits import sample_spans
 from workbench.analyses.retrieval_heads.span import NOT_FOUND
 from workbench.errors import WorkbenchError
 from workbench.forward.decode import check_samples
@@ -43,7 +47,8 @@ RETRIEVAL_THRESHOLD = 0.1
 def score_samples(
     model: LoadedModel, prompts: NeedleSet, params: RetrievalParams
 ) -> list[SampleScore]:
-    """Per-sample scores in the chosen mode, after checking the samples."""
+    """Per-sample scores in the chosen mode, after checking the samples and their spans (both
+    before any prefill or decoding)."""
     if not isinstance(prompts, NeedleSet):
         raise WorkbenchError(
             f"retrieval_heads needs a needle task, got task '{getattr(prompts, 'task', '?')}'",
@@ -52,23 +57,34 @@ def score_samples(
     if params.mode == "fast":
         from workbench.analyses.retrieval_heads.teacher_forced import fast_scores, forced_answers
 
+        spans = _spans_or_refuse(model, prompts, params)  # before the greedy forced answers
         answers = forced_answers(model, prompts.samples, params.fast_answer)
         check_samples(model, prompts.samples, answers=answers)
-        return fast_scores(model, prompts.samples, params)
+        return fast_scores(model, prompts.samples, params, spans=spans, answers=answers)
     check_samples(model, prompts.samples)
+    spans = _spans_or_refuse(model, prompts, params)
     from workbench.analyses.retrieval_heads.faithful import faithful_scores
 
-    return faithful_scores(model, prompts.samples, params)
+    return faithful_scores(model, prompts.samples, params, spans=spans)
+
+
+def _spans_or_refuse(
+    model: LoadedModel, prompts: NeedleSet, params: RetrievalParams
+) -> list[tuple[int, int]]:
+    """Each sample's scored span (:func:`.hits.sample_spans`); a one-line error when none is
+    found (only ``span = "paper_search"`` can miss), before anything is decoded."""
+    spans = sample_spans(model, prompts.samples, params.span)
+    if all(sp == NOT_FOUND for sp in spans):
+        raise WorkbenchError(
+            f"retrieval_heads: span = '{params.span}' found no needle span in any of the "
+            f"{len(spans)} samples (the authors' token-set search misses on this tokenizer)",
+            "use span = 'real_needle' (located exactly)",
+        )
+    return spans
 
 
 def _refuse_empty(scored: list[SampleScore], params: RetrievalParams) -> None:
-    """One-line error when there is nothing to score (module doc)."""
-    if all(s.span == NOT_FOUND for s in scored):
-        raise WorkbenchError(
-            f"retrieval_heads: span = '{params.span}' found no needle span in any of the "
-            f"{len(scored)} samples (the authors' token-set search misses on this tokenizer)",
-            "use span = 'real_needle' (located exactly)",
-        )
+    """One-line error when no sample counts: nothing to score (module doc)."""
     if not any(s.counted for s in scored):
         best = max(scored, key=lambda s: s.recall)
         rule = (

@@ -68,11 +68,17 @@ class SampleScore:
 
 
 def faithful_scores(
-    model: LoadedModel, samples: Sequence[NeedleSample], params: RetrievalParams
+    model: LoadedModel,
+    samples: Sequence[NeedleSample],
+    params: RetrievalParams,
+    *,
+    spans: Sequence[tuple[int, int]] | None = None,
 ) -> list[SampleScore]:
-    """Per-sample faithful scores (module formula), in sample order."""
+    """Per-sample faithful scores (module formula), in sample order; ``spans``: each sample's
+    scored span if already computed (else :func:`.hits.sample_spans`)."""
     stops = stop_ids(model)
-    spans = sample_spans(model, samples, params.span)
+    if spans is None:
+        spans = sample_spans(model, samples, params.span)
     recorder = ArgmaxRecorder(model.n_layers)
     out: dict[int, SampleScore] = {}
     batch: list[Prefilled] = []

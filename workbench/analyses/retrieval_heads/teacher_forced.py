@@ -67,12 +67,21 @@ def forced_answers(model: LoadedModel, samples: Sequence[NeedleSample], which: s
 
 
 def fast_scores(
-    model: LoadedModel, samples: Sequence[NeedleSample], params: RetrievalParams
+    model: LoadedModel,
+    samples: Sequence[NeedleSample],
+    params: RetrievalParams,
+    *,
+    spans: Sequence[tuple[int, int]] | None = None,
+    answers: Sequence[Tensor] | None = None,
 ) -> list[SampleScore]:
-    """Per-sample teacher-forced scores (module formula), in sample order."""
+    """Per-sample teacher-forced scores (module formula), in sample order; ``spans`` and
+    ``answers``: each sample's scored span and forced answer if already computed (else
+    :func:`.hits.sample_spans` and :func:`forced_answers`)."""
     recorder = ArgmaxRecorder(model.n_layers)
-    answers = forced_answers(model, samples, params.fast_answer)
-    spans = sample_spans(model, samples, params.span)
+    if answers is None:
+        answers = forced_answers(model, samples, params.fast_answer)
+    if spans is None:
+        spans = sample_spans(model, samples, params.span)
     out: dict[int, SampleScore] = {}
     with hooked(model.bridge, recorder.hooks()), torch.no_grad():
         for pre in prefilled(
