@@ -85,8 +85,10 @@ def run_request(request: Any, model_name: str, device: str = "cpu", dtype: str =
     if stored_outcome(part, store, read=False) is not None:
         pass
     elif caches.n_workers():  # a job: it lives in the store's job table, not in this page
-        # again: a job done before whose result is gone, or not to be served, runs again
-        caches.job_queue().submit(part, again=True)
+        queue = caches.job_queue()
+        job = queue.submit(part)  # a queued or running job (another session's) is shared
+        if job.state == "done" and stored_outcome(part, store, read=False) is None:
+            queue.rerun(part, job)  # done before, but its result is gone or not to be served
     else:
         bar = st.progress(0.0, text="starting…")
 

@@ -33,6 +33,26 @@ def test_submission_is_idempotent_by_run_id(tmp_path):
     assert q.submit(part, again=True).state == "queued"  # its result is gone: again
 
 
+def test_a_done_job_is_queued_again_once_by_callers_that_saw_it_done(tmp_path):
+    q = JobQueue(tmp_path)
+    part = _part()
+    q.submit(part)
+    q.claim("w1")
+    assert q.finish(part.run_id, "w1", "done")
+    seen = q.get(part.run_id)
+    assert seen is not None and q.submit(part).state == "done"  # a plain submit keeps it
+    queued = q.rerun(part, seen)  # its result is gone: run it again
+    assert queued.state == "queued"
+    assert q.rerun(part, seen) == queued  # a second caller that saw it done: the same job
+    q.claim("w2")
+    assert q.rerun(part, seen).state == "running"  # not queued twice while it runs
+    assert q.finish(part.run_id, "w2", "done")
+    assert q.rerun(part, seen).state == "done"  # done again since `seen`: a stale decision
+    latest = q.get(part.run_id)
+    assert latest is not None and latest.attempts == 2 and len(q.jobs()) == 1
+    assert q.rerun(part, latest).state == "queued"
+
+
 def test_only_one_worker_claims_a_job(tmp_path):
     q = JobQueue(tmp_path)
     for n in range(1, 6):

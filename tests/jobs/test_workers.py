@@ -15,7 +15,7 @@ import pytest
 
 from tests.tables import assert_same_rows
 from workbench.cli import main
-from workbench.jobs.queue import JobQueue
+from workbench.jobs.queue import IN_STORE, JobQueue
 from workbench.runner import RunRequest
 from workbench.store import ResultStore
 
@@ -39,6 +39,13 @@ tasks = [{ name = "ioi", n_prompts = 4 }]
 SLOW = RunRequest(
     "head_detectors", "tiny-llama", "induction", {"batch_size": 1},
     {"seq_len": 48, "n_prompts": 3000},
+)  # fmt: skip
+# a job of 800 steps (about 5 s unloaded on 2 cores): a worker reports its progress every second,
+# so the first progress seen comes within about a second of the job starting to compute, and a
+# kill then lands mid-job with seconds to spare; on a loaded machine the job slows as well
+MID = RunRequest(
+    "head_detectors", "tiny-llama", "induction", {"batch_size": 1},
+    {"seq_len": 48, "n_prompts": 800},
 )  # fmt: skip
 
 
@@ -86,30 +93,33 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_completed_once(tmp_path
     home = tmp_path / "home"
     store = ResultStore(home / "store")
     queue = JobQueue(store.root)
-    part = SLOW.resolve()
+    part = MID.resolve()
     queue.submit(part)
     first = subprocess.Popen(_cli("worker", "--lapse", "60"), env=_env(home))
-    try:
+    try:  # killed as soon as its job reports progress
         _wait(lambda: (j := queue.get(part.run_id)) is not None and j.step > 0, what="a step")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     job = queue.get(part.run_id)
-    assert job is not None and job.state == "running" and not store.has(part.run_id)
+    assert job is not None and job.state == "running" and 0 < job.step < job.total, job
+    assert not store.has(part.run_id) and job.attempts == 1  # killed mid-job: nothing stored
     # the worker is gone from this machine: the next worker re-queues its job at once
     second = subprocess.run(_cli("worker", "--exit-when-idle"), env=_env(home), timeout=300,
                             capture_output=True, text=True)  # fmt: skip
     assert second.returncode == 0, second.stderr
     job = queue.get(part.run_id)
     assert job is not None and job.state == "done" and job.attempts == 2
+    assert job.step == job.total == 800 and job.text != IN_STORE  # computed by the second
     runs = store.list_runs()
     assert list(runs["run_id"]) == [part.run_id]
     assert not [p for p in store.results_dir.iterdir() if p.name != part.run_id]
     from workbench.runner import run_analysis
 
-    again = run_analysis("head_detectors", "tiny-llama", "induction", params={"batch_size": 1},
-                         task_params={"seq_len": 48, "n_prompts": 3000},
+    again = run_analysis(MID.analysis, MID.model, MID.task, params=MID.params,
+                         task_params=MID.task_params,
                          store=ResultStore(tmp_path / "serial"))  # fmt: skip
+    assert again.run_id == part.run_id
     assert_same_rows(store.load(part.run_id).heads["value"], again.heads["value"])
 
 

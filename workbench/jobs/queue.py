@@ -8,10 +8,13 @@ results: a result exists only in the results store, written by its atomic protoc
 can be deleted at any time without losing one.
 
 A job's id is the run id of the part it computes, so submitting is idempotent: a part already
-queued, running or done returns its job; a failed or cancelled one is queued again. A worker
-claims the oldest queued job atomically (``BEGIN IMMEDIATE``), and only the worker holding a
-job can report on it or finish it. A running job whose heartbeat is older than the lapse goes
-back to the queue (its worker died), so it is completed once, by another worker.
+queued, running or done returns its job; a failed or cancelled one is queued again. So several
+drivers submitting one part share one job, and it is computed once while it is queued or
+running; a done job is queued again only by :meth:`JobQueue.rerun`, when the caller saw that
+very completion's result missing or not servable (two callers deciding at once re-run it once).
+A worker claims the oldest queued job atomically (``BEGIN IMMEDIATE``), and only the worker
+holding a job can report on it or finish it. A running job whose heartbeat is older than the
+lapse goes back to the queue (its worker died), so it is completed once, by another worker.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from workbench.errors import WorkbenchError
 STATES = ("queued", "running", "done", "failed", "cancelled")
 TERMINAL = ("done", "failed", "cancelled")
 JOBS_FILE = "jobs.sqlite"
+IN_STORE = "in the store"
+"""The text of a done job whose result was served from the store, not computed by its worker."""
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -182,37 +187,58 @@ class JobQueue:
         """Queue ``part`` (a resolved :class:`~workbench.runner.Part`) as job ``part.run_id``;
         idempotent: a queued, running or done job is returned as it is (a done one is queued
         again with ``again``: its result is not in the store), a failed or cancelled one is
-        queued again."""
-        now = time.time()
+        queued again. ``again=True`` re-queues any done job, even one that finished after
+        the caller looked in the store; a driver uses :meth:`rerun` with the done job it saw."""
         keep = ("queued", "running") if again else ("queued", "running", "done")
         with self._tx(immediate=True) as con:
             found = self._fetch(con, part.run_id)
             if found is not None and found.state in keep:
                 return found
-            if found is None:
-                con.execute(
-                    "INSERT INTO jobs (job_id, request, title, state, created) "
-                    "VALUES (?, ?, ?, 'queued', ?)",
-                    [part.run_id, request_json(part.request), part.describe(), now],
-                )
-            else:  # ended before: queue it again
-                con.execute(
-                    "UPDATE jobs SET state = 'queued', worker = '', step = 0, total = 0, "
-                    "text = '', error = '', heartbeat = NULL, started = NULL, finished = NULL, "
-                    "created = ? WHERE job_id = ?",
-                    [now, part.run_id],
-                )
+            self._queue(con, part, found)
             job = self._fetch(con, part.run_id)
         assert job is not None
         return job
+
+    def rerun(self, part: Any, seen: Job) -> Job:
+        """Queue the done job of ``part`` again because its result, as the caller saw it done
+        (``seen``), is missing from the store or not servable; a job that changed since
+        (queued again by another caller, and running, done, failed or cancelled since) is
+        returned as it is, so that callers deciding at once re-run it once."""
+        with self._tx(immediate=True) as con:
+            found = self._fetch(con, part.run_id)
+            unchanged = (
+                found is not None
+                and found.state == "done"
+                and ((found.finished, found.attempts) == (seen.finished, seen.attempts))
+            )
+            if found is None or unchanged:
+                self._queue(con, part, found)
+            job = self._fetch(con, part.run_id)
+        assert job is not None
+        return job
+
+    def _queue(self, con: sqlite3.Connection, part: Any, found: Job | None) -> None:
+        if found is None:
+            con.execute(
+                "INSERT INTO jobs (job_id, request, title, state, created) "
+                "VALUES (?, ?, ?, 'queued', ?)",
+                [part.run_id, request_json(part.request), part.describe(), time.time()],
+            )
+        else:  # ended before: queue it again
+            con.execute(
+                "UPDATE jobs SET state = 'queued', worker = '', step = 0, total = 0, "
+                "text = '', error = '', heartbeat = NULL, started = NULL, finished = NULL, "
+                "created = ? WHERE job_id = ?",
+                [time.time(), part.run_id],
+            )
 
     def mark_done(self, job_id: str) -> None:
         """Record a queued job as done without running it (its result is already stored)."""
         with self._tx(immediate=True) as con:
             con.execute(
-                "UPDATE jobs SET state = 'done', finished = ?, text = 'in the store' "
+                "UPDATE jobs SET state = 'done', finished = ?, text = ? "
                 "WHERE job_id = ? AND state = 'queued'",
-                [time.time(), job_id],
+                [time.time(), IN_STORE, job_id],
             )
 
     def cancel(self, job_id: str) -> Job:

@@ -4,10 +4,11 @@
 request, and runs it through :func:`workbench.runner.run_part` on its own
 :class:`~workbench.runner.ModelPool` (models stay loaded between jobs), so no other caller's
 hooks ever meet its models. A heartbeat thread reports it alive every ``heartbeat_s`` with the
-job's latest progress; a job cancelled meanwhile stops at its next progress step. The result
-reaches the store only through the store's atomic protocol; a worker killed mid-job leaves
-nothing behind but a running job whose heartbeat lapses, and any worker (or driver) then puts
-it back in the queue.
+job's latest progress; a job cancelled meanwhile stops at its next progress step; a job whose
+result another process stored first is served, not computed, and ends done "in the store".
+The result reaches the store only through the store's atomic protocol; a worker killed mid-job
+leaves nothing behind but a running job whose heartbeat lapses, and any worker (or driver) then
+puts it back in the queue.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.jobs.queue import Job, JobQueue, request_from_json
+from workbench.jobs.queue import IN_STORE, Job, JobQueue, request_from_json
 
 LAPSE_S = 30.0
 """A running job whose heartbeat is older than this goes back to the queue."""
@@ -81,7 +82,7 @@ def run_job(job: Job, queue: JobQueue, store: Any, pool: Any, worker: str, beat_
                     "run workers with the same workbench and library versions as the driver",
                 )
             with reporting(beat.callback):
-                run_part(part, store, pool, read=False)
+                outcome = run_part(part, store, pool, read=False)
         except JobCancelled as stop:
             return str(stop)
         except WorkbenchError as e:
@@ -92,7 +93,9 @@ def run_job(job: Job, queue: JobQueue, store: Any, pool: Any, worker: str, beat_
             error = f"{type(e).__name__}: {e}"
             queue.finish(job.job_id, worker, "failed", error, beat.progress)
             return "failed"
-    done = queue.finish(job.job_id, worker, "done", progress=beat.progress)
+    # a result another process stored first was served, not computed: the job says so
+    progress = beat.progress if outcome.status == "computed" else (0, 0, IN_STORE)
+    done = queue.finish(job.job_id, worker, "done", progress=progress)
     return "done" if done else beat.state
 
 
