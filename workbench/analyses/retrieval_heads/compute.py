@@ -57,9 +57,9 @@ def score_samples(
     if params.mode == "fast":
         from workbench.analyses.retrieval_heads.teacher_forced import fast_scores, forced_answers
 
-        spans = _spans_or_refuse(model, prompts, params)  # before the greedy forced answers
-        answers = forced_answers(model, prompts.samples, params.fast_answer)
+        answers = forced_answers(model, prompts.samples, params.fast_answer)  # no decoding
         check_samples(model, prompts.samples, answers=answers)
+        spans = _spans_or_refuse(model, prompts, params)
         return fast_scores(model, prompts.samples, params, spans=spans, answers=answers)
     check_samples(model, prompts.samples)
     spans = _spans_or_refuse(model, prompts, params)
