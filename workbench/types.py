@@ -172,9 +172,7 @@ class Analysis:
     head_page: str = ""  # title of its section on the app's Head page, if any
     # params -> one of HEAD_AXES: what its per-head tables index (default: query heads)
     head_axis: Callable[[Mapping[str, Any]], str] | None = None
-    # (store, result, declared): run by the runner after a fresh result of it is stored;
-    # declared(analysis) is that analysis's Agreement declaration, or None (its own and its
-    # partner's, so the hook needs no registry)
+    # (store, result, declared): after a fresh result is stored; declared(name) -> Agreement
     after_store: Callable[[Any, Any, Callable[[str], Agreement | None]], Any] | None = None
     # (params, store) -> keyword arguments it reads from the store the runner holds (torch-free)
     inputs: Callable[[Any, Any], dict[str, Any]] | None = None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,14 +20,16 @@ import pandas as pd
 from workbench.errors import WorkbenchError
 from workbench.forward.plan import KVPlan
 
-if TYPE_CHECKING:
-    pass
-
 MAX_HEADS = 10
 
 
 def _label(heads: Sequence[tuple[int, int]]) -> str:
     return "+".join(f"L{a}G{b}" for a, b in sorted(heads)) or "none"
+
+
+def _subsets(pool: Sequence[tuple[int, int]]) -> list[tuple[tuple[int, int], ...]]:
+    """Every subset of ``pool`` (the full KV heads of one plan), smallest first."""
+    return [c for k in range(len(pool) + 1) for c in itertools.combinations(pool, k)]
 
 
 def oracle_plans(plan: KVPlan) -> dict[str, KVPlan]:
@@ -40,8 +41,7 @@ def oracle_plans(plan: KVPlan) -> dict[str, KVPlan]:
             "streamable KV heads",
             "set oracle = false, or use a model with fewer global KV heads (Gemma 3)",
         )
-    subsets = [c for k in range(len(pool) + 1) for c in itertools.combinations(pool, k)]
-    return {_label(c): plan.replace(c, "oracle") for c in subsets}
+    return {_label(c): plan.replace(c, "oracle") for c in _subsets(pool)}
 
 
 def rank_plans(
@@ -50,7 +50,7 @@ def rank_plans(
     """``(oracle, rule_ranks)`` tables (module docstring) from the per-plan mean metrics of
     the :func:`oracle_plans` (``means``: one row per plan label, recall and logprob columns)."""
     pool = plan.streamable
-    subsets = [c for k in range(len(pool) + 1) for c in itertools.combinations(pool, k)]
+    subsets = _subsets(pool)
     rows = pd.DataFrame(
         [{"plan": _label(c), "n_full": len(c), **means.loc[_label(c)].to_dict()} for c in subsets]
     )
